@@ -1,0 +1,96 @@
+"""Time one pretraining step (forward with all losses, backward, optimizer step) on a GPU.
+
+    python bench/step_time.py --config configs/model/base_transformer.yaml --batch-size 6 --seconds 15.6
+
+Runs warm-up steps, times ``--steps`` steps with CUDA events, reports milliseconds per step,
+audio-seconds per second and peak memory, then runs one more forward+backward under
+``torch.cuda.set_sync_debug_mode("error")`` to prove the step never waits on the device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+
+import numpy as np
+import torch
+
+from data_tools.synthetic import SAMPLE_RATE, generate_utterance
+from speechssl import Wav2Vec2Model, load_model_config
+
+
+def make_batch(batch_size: int, seconds: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    samples = int(seconds * SAMPLE_RATE)
+    waves = np.stack([np.resize(generate_utterance(i, seconds)[0], samples) for i in range(batch_size)])
+    lengths = torch.full((batch_size,), samples, dtype=torch.long)
+    return torch.from_numpy(waves).to(device), lengths.to(device)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="configs/model/base_transformer.yaml")
+    parser.add_argument("--batch-size", type=int, default=6)
+    parser.add_argument("--seconds", type=float, default=15.6)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench/step_time.py needs a CUDA GPU")
+
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    model = Wav2Vec2Model(load_model_config(args.config)).to(device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-4, betas=(0.9, 0.98), eps=1e-6,
+                                  weight_decay=0.01, fused=True)
+    waves, lengths = make_batch(args.batch_size, args.seconds, device)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.dtype == "bf16")
+
+    def forward_backward() -> torch.Tensor:
+        with autocast:
+            out = model(waves, lengths)
+        (out.loss / out.sample_size).backward()
+        return out.loss
+
+    def step() -> None:
+        forward_backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(args.warmup):
+        step()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(args.steps):
+        step()
+    end.record()
+    torch.cuda.synchronize()
+    ms = start.elapsed_time(end) / args.steps
+
+    torch.cuda.set_sync_debug_mode("error")  # any host-device synchronisation now raises
+    loss = forward_backward()
+    torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    optimizer.zero_grad(set_to_none=True)
+
+    result = {
+        "config": args.config,
+        "batch": f"{args.batch_size} x {args.seconds}s",
+        "dtype": args.dtype,
+        "ms_per_step": round(ms, 1),
+        "audio_seconds_per_second": round(args.batch_size * args.seconds / (ms / 1000), 1),
+        "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+        "sync_free_forward_backward": bool(torch.isfinite(loss).item()),
+        "gpu": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

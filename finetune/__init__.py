@@ -1,0 +1,1 @@
+"""The CTC fine-tuning job."""

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# One entry point for the two README commands:
+#   ./run.sh demo   runs the main job (today: the tiny model overfitting one batch of generated audio)
+#   ./run.sh test   runs ruff and the test suite
+# Each creates (or reuses) .venv and installs the pinned, tested stack from constraints.txt.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+PYTHON=${PYTHON:-python3}
+VENV=${VENV:-.venv}
+stamp="$VENV/.installed"
+want="$(cat constraints.txt pyproject.toml | sha256sum | cut -d' ' -f1)"
+
+if [ ! -x "$VENV/bin/python" ]; then
+    "$PYTHON" -m venv "$VENV"
+fi
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+    "$VENV/bin/python" -m pip install -q --upgrade pip
+    "$VENV/bin/python" -m pip install -q -c constraints.txt -e ".[dev]"
+    echo "$want" > "$stamp"
+fi
+export PATH="$PWD/$VENV/bin:$PATH"
+
+cmd=${1:-}
+shift || true
+case "$cmd" in
+    demo)
+        exec python -m pretrain.overfit --config configs/pretrain/overfit_tiny.yaml "$@"
+        ;;
+    test)
+        ruff check .
+        exec python -m pytest "$@"
+        ;;
+    *)
+        echo "usage: ./run.sh demo|test [args...]" >&2
+        exit 2
+        ;;
+esac

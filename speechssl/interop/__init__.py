@@ -1,0 +1,1 @@
+"""Weights in and out of other toolkits (torchaudio, Hugging Face, fairseq2)."""

@@ -1,0 +1,1 @@
+"""Model components: feature extractor, frontend, context networks, quantizer, assembled model."""

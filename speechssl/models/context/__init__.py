@@ -1,0 +1,69 @@
+"""The context network interface and the registry that picks one by ``model.context.type``.
+
+A context network maps frontend features ``(B, T, D_in)`` and a padding mask ``(B, T)`` (True =
+padding) to outputs ``(B, T', D_out)``, the per-layer hidden states and the output padding mask.
+Adding one is one new file with a config dataclass (with a ``type`` field) and a module decorated
+with :func:`register_context`, plus its import at the bottom of this file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from torch import Tensor, nn
+
+
+@dataclass
+class ContextOutput:
+    """output: ``(B, T', D_out)``; hidden_states: each layer's output ``(B, T', D)``;
+    padding_mask: ``(B, T')`` with True at padding, or None when nothing is padded."""
+
+    output: Tensor
+    hidden_states: list[Tensor]
+    padding_mask: Tensor | None
+
+
+class ContextNetwork(nn.Module):
+    """Base class: subclasses set ``input_dim`` and ``output_dim`` and implement ``forward``."""
+
+    input_dim: int
+    output_dim: int
+
+    def forward(self, x: Tensor, padding_mask: Tensor | None = None,
+                num_layers: int | None = None) -> ContextOutput:
+        """``x (B, T, input_dim)`` -> :class:`ContextOutput`; ``num_layers`` stops after that many
+        layers (the output is then the last computed hidden state)."""
+        raise NotImplementedError
+
+
+_REGISTRY: dict[str, tuple[type, type[ContextNetwork]]] = {}
+
+
+def register_context(name: str, config_class: type) -> Callable[[type[ContextNetwork]], type[ContextNetwork]]:
+    """Class decorator: make ``config_class`` / the module available as ``context.type: name``."""
+
+    def wrap(module_class: type[ContextNetwork]) -> type[ContextNetwork]:
+        _REGISTRY[name] = (config_class, module_class)
+        return module_class
+
+    return wrap
+
+
+def context_config_class(name: str) -> type:
+    """The config dataclass of context network ``name``; KeyError with the known names otherwise."""
+    if name not in _REGISTRY:
+        raise KeyError(f"unknown context network {name!r}; known: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name][0]
+
+
+def build_context(config: Any) -> ContextNetwork:
+    """Instantiate the context network described by ``config`` (a registered config dataclass)."""
+    for config_class, module_class in _REGISTRY.values():
+        if type(config) is config_class:
+            return module_class(config)
+    raise TypeError(f"no context network registered for {type(config).__name__}")
+
+
+from speechssl.models.context import transformer  # noqa: E402, F401  (registers "transformer")

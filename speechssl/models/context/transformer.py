@@ -1,0 +1,174 @@
+"""The wav2vec 2.0 Transformer context network (fairseq ``TransformerEncoder``).
+
+Convolutional positional embedding, then post-LN (BASE, ``layer_norm_first: false``) or pre-LN
+(LARGE, ``true``) layers with self-attention through ``scaled_dot_product_attention``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils.parametrizations import weight_norm
+
+from speechssl.config import check
+from speechssl.models.context import ContextNetwork, ContextOutput, register_context
+
+
+@dataclass
+class TransformerConfig:
+    """Names in brackets: fairseq / torchaudio ``wav2vec2_model``.
+
+    embed_dim: model width [encoder_embed_dim / encoder_embed_dim].
+    num_layers [encoder_layers / encoder_num_layers]; num_heads [encoder_attention_heads /
+    encoder_num_heads]; ffn_dim [encoder_ffn_embed_dim / encoder_ff_interm_features].
+    layer_norm_first: pre-LN if true [layer_norm_first / encoder_layer_norm_first].
+    dropout: after attention, feed-forward and positional embedding [dropout / encoder_dropout].
+    attention_dropout [attention_dropout / encoder_attention_dropout].
+    activation_dropout: inside the feed-forward [activation_dropout / encoder_ff_interm_dropout].
+    layer_drop: probability of skipping a layer in training [encoder_layerdrop / encoder_layer_drop].
+    pos_conv_kernel / pos_conv_groups [conv_pos / encoder_pos_conv_kernel, conv_pos_groups /
+    encoder_pos_conv_groups].
+    """
+
+    type: str = "transformer"
+    embed_dim: int = 768
+    num_layers: int = 12
+    num_heads: int = 12
+    ffn_dim: int = 3072
+    layer_norm_first: bool = False
+    dropout: float = 0.1
+    attention_dropout: float = 0.1
+    activation_dropout: float = 0.0
+    layer_drop: float = 0.0
+    pos_conv_kernel: int = 128
+    pos_conv_groups: int = 16
+
+    def __post_init__(self) -> None:
+        check(self.embed_dim > 0, "model.context.embed_dim", "must be > 0")
+        check(self.num_layers >= 1, "model.context.num_layers", "must be >= 1")
+        check(self.num_heads >= 1 and self.embed_dim % self.num_heads == 0, "model.context.num_heads",
+              f"must divide embed_dim={self.embed_dim}, got {self.num_heads}")
+        check(self.embed_dim % self.pos_conv_groups == 0, "model.context.pos_conv_groups",
+              f"must divide embed_dim={self.embed_dim}, got {self.pos_conv_groups}")
+        check(self.pos_conv_kernel >= 1, "model.context.pos_conv_kernel", "must be >= 1")
+        for name in ("dropout", "attention_dropout", "activation_dropout", "layer_drop"):
+            check(0.0 <= getattr(self, name) < 1.0, f"model.context.{name}", "must be in [0, 1)")
+
+
+class ConvPositionalEmbedding(nn.Module):
+    """Grouped, weight-normalised conv over time, then GELU: ``(B, T, D) -> (B, T, D)``."""
+
+    def __init__(self, dim: int, kernel: int, groups: int, dropout: float):
+        super().__init__()
+        conv = nn.Conv1d(dim, dim, kernel, padding=kernel // 2, groups=groups)
+        nn.init.normal_(conv.weight, mean=0.0, std=math.sqrt(4 * (1.0 - dropout) / (kernel * dim)))
+        nn.init.zeros_(conv.bias)
+        self.conv = weight_norm(conv, name="weight", dim=2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        length = x.shape[1]
+        y = self.conv(x.transpose(1, 2))[..., :length]  # an even kernel yields one extra frame
+        return F.gelu(y).transpose(1, 2)
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with key padding: ``(B, T, D) -> (B, T, D)``."""
+
+    def __init__(self, dim: int, num_heads: int, dropout: float):
+        super().__init__()
+        self.num_heads = num_heads
+        self.dropout = dropout
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.out_proj = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor, attn_mask: Tensor | None) -> Tensor:
+        """attn_mask: ``(B, 1, 1, T)`` bool, True where a key may be attended."""
+        batch, length, dim = x.shape
+        qkv = self.qkv(x).view(batch, length, 3, self.num_heads, dim // self.num_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, T, Dh)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        return self.out_proj(y.transpose(1, 2).reshape(batch, length, dim))
+
+
+class FeedForward(nn.Module):
+    """``Linear -> GELU -> dropout -> Linear -> dropout``: ``(B, T, D) -> (B, T, D)``."""
+
+    def __init__(self, dim: int, hidden: int, activation_dropout: float, dropout: float):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+        self.activation_dropout = nn.Dropout(activation_dropout)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.dropout(self.fc2(self.activation_dropout(F.gelu(self.fc1(x)))))
+
+
+class TransformerLayer(nn.Module):
+    """One encoder layer, post-LN or pre-LN: ``(B, T, D) -> (B, T, D)``."""
+
+    def __init__(self, config: TransformerConfig):
+        super().__init__()
+        dim = config.embed_dim
+        self.layer_norm_first = config.layer_norm_first
+        self.attention = SelfAttention(dim, config.num_heads, config.attention_dropout)
+        self.dropout = nn.Dropout(config.dropout)
+        self.layer_norm = nn.LayerNorm(dim)
+        self.feed_forward = FeedForward(dim, config.ffn_dim, config.activation_dropout, config.dropout)
+        self.final_layer_norm = nn.LayerNorm(dim)
+
+    def forward(self, x: Tensor, attn_mask: Tensor | None) -> Tensor:
+        if self.layer_norm_first:
+            x = x + self.dropout(self.attention(self.layer_norm(x), attn_mask))
+            return x + self.feed_forward(self.final_layer_norm(x))
+        x = self.layer_norm(x + self.dropout(self.attention(x, attn_mask)))
+        return self.final_layer_norm(x + self.feed_forward(x))
+
+
+@register_context("transformer", TransformerConfig)
+class TransformerContext(ContextNetwork):
+    """The Transformer context network. The LayerNorm outside the layers runs before them when
+    post-LN and after them when pre-LN; hidden states are the layers' raw outputs (as torchaudio's
+    ``extract_features``)."""
+
+    def __init__(self, config: TransformerConfig):
+        super().__init__()
+        self.config = config
+        self.input_dim = self.output_dim = config.embed_dim
+        self.pos_conv = ConvPositionalEmbedding(config.embed_dim, config.pos_conv_kernel,
+                                                config.pos_conv_groups, config.dropout)
+        self.layer_norm = nn.LayerNorm(config.embed_dim)
+        self.dropout = nn.Dropout(config.dropout)
+        self.layers = nn.ModuleList(TransformerLayer(config) for _ in range(config.num_layers))
+        self.layer_drop = config.layer_drop
+        for module in self.layers.modules():
+            if isinstance(module, nn.Linear):  # BERT initialisation, as fairseq's init_bert_params
+                nn.init.normal_(module.weight, mean=0.0, std=0.02)
+                nn.init.zeros_(module.bias)
+
+    def forward(self, x: Tensor, padding_mask: Tensor | None = None,
+                num_layers: int | None = None) -> ContextOutput:
+        if num_layers is not None and not 0 < num_layers <= len(self.layers):
+            raise ValueError(f"num_layers must be in [1, {len(self.layers)}], got {num_layers}")
+        attn_mask = None
+        if padding_mask is not None:
+            x = x.masked_fill(padding_mask.unsqueeze(-1), 0.0)
+            attn_mask = ~padding_mask[:, None, None, :]
+        x = x + self.pos_conv(x)
+        if not self.config.layer_norm_first:
+            x = self.layer_norm(x)
+        x = self.dropout(x)
+        hidden_states = []
+        for layer in self.layers[:num_layers]:
+            # The draw is on the CPU generator: no device synchronisation.
+            if not (self.training and self.layer_drop > 0 and torch.rand(()).item() < self.layer_drop):
+                x = layer(x, attn_mask)
+            hidden_states.append(x)
+        if num_layers is None and self.config.layer_norm_first:
+            x = self.layer_norm(x)
+        return ContextOutput(x, hidden_states, padding_mask)

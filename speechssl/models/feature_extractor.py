@@ -1,0 +1,80 @@
+"""The convolutional waveform encoder of wav2vec 2.0 (fairseq ``ConvFeatureExtractionModel``)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from speechssl.config import FeatureExtractorConfig
+
+
+class ChannelLayerNorm(nn.LayerNorm):
+    """LayerNorm over the channels of a ``(B, C, T)`` tensor."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(x.transpose(1, 2)).transpose(1, 2)
+
+
+class ConvBlock(nn.Module):
+    """Conv1d, optional normalisation, GELU: ``(B, C_in, S) -> (B, C_out, S')``."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel: int, stride: int, bias: bool,
+                 norm: nn.Module | None):
+        super().__init__()
+        self.kernel = kernel
+        self.stride = stride
+        self.conv = nn.Conv1d(in_channels, out_channels, kernel, stride=stride, bias=bias)
+        nn.init.kaiming_normal_(self.conv.weight)
+        self.norm = norm
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.conv(x)
+        if self.norm is not None:
+            x = self.norm(x)
+        return nn.functional.gelu(x)
+
+
+class FeatureExtractor(nn.Module):
+    """Waveforms ``(B, S)`` to frame features ``(B, T, C)``; 50 Hz at 16 kHz with the default layers.
+
+    ``group_norm`` mode normalises each channel over time after the first conv only (fairseq
+    "default", BASE); ``layer_norm`` mode normalises over channels after every conv (LARGE).
+    """
+
+    def __init__(self, config: FeatureExtractorConfig):
+        super().__init__()
+        blocks = []
+        in_channels = 1
+        for i, (channels, kernel, stride) in enumerate(config.conv_layers):
+            if config.mode == "layer_norm":
+                norm: nn.Module | None = ChannelLayerNorm(channels)
+            elif i == 0:
+                norm = nn.GroupNorm(channels, channels)
+            else:
+                norm = None
+            blocks.append(ConvBlock(in_channels, channels, kernel, stride, config.conv_bias, norm))
+            in_channels = channels
+        self.blocks = nn.ModuleList(blocks)
+        self.output_dim = in_channels
+
+    @property
+    def receptive_field(self) -> int:
+        """Samples needed for one output frame (400 for the default layers)."""
+        field = 1
+        for block in reversed(self.blocks):
+            field = (field - 1) * block.stride + block.kernel
+        return field
+
+    def output_lengths(self, lengths: Tensor) -> Tensor:
+        """Exact number of frames for inputs of ``lengths`` samples: ``(B,) -> (B,)``."""
+        for block in self.blocks:
+            lengths = torch.div(lengths - block.kernel, block.stride, rounding_mode="floor") + 1
+            lengths = lengths.clamp_min(0)
+        return lengths
+
+    def forward(self, waveforms: Tensor) -> Tensor:
+        """``(B, S)`` float waveforms to ``(B, T, C)`` features."""
+        x = waveforms.unsqueeze(1)
+        for block in self.blocks:
+            x = block(x)
+        return x.transpose(1, 2)

@@ -1,0 +1,223 @@
+"""The assembled wav2vec 2.0 model: extractor, frontend, context network, quantizer, objective."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from speechssl.config import ModelConfig, load_model_config, to_dict
+from speechssl.models.context import build_context
+from speechssl.models.feature_extractor import FeatureExtractor
+from speechssl.models.frontend import Frontend, GradMultiply
+from speechssl.models.quantizer import GumbelVectorQuantizer
+from speechssl.objectives.losses import contrastive_logits, contrastive_loss, diversity_loss
+from speechssl.objectives.masking import compute_channel_mask, compute_span_mask
+from speechssl.objectives.negatives import sample_negatives
+
+FORMAT = "speechssl.Wav2Vec2Model"
+
+
+@dataclass
+class PretrainOutput:
+    """Everything one pretraining forward produces; all scalars are tensors (no host sync).
+
+    loss: contrastive_loss + diversity_weight * diversity_loss * sample_size
+        + feature_penalty_weight * feature_penalty * sample_size. It is a *sum* over masked frames:
+        the trainer adds it up over micro-batches and ranks and divides by the global sample_size,
+        as fairseq does, so every masked frame weighs the same whatever the batch it came in.
+    contrastive_loss: cross-entropy summed over masked frames.
+    diversity_loss: ``(G*V - prob_perplexity) / (G*V)``; feature_penalty: mean square of the
+        extractor output. sample_size: number of masked frames. correct: frames whose positive
+        scored highest. logits: ``(B, T, 1 + negatives)`` in the slot layout; mask: ``(B, T)``.
+    """
+
+    loss: Tensor
+    contrastive_loss: Tensor
+    diversity_loss: Tensor
+    feature_penalty: Tensor
+    sample_size: Tensor
+    correct: Tensor
+    prob_perplexity: Tensor
+    code_perplexity: Tensor
+    temperature: float
+    logits: Tensor
+    mask: Tensor
+
+    @property
+    def accuracy(self) -> Tensor:
+        return self.correct.float() / self.sample_size.clamp_min(1)
+
+
+class Wav2Vec2Model(nn.Module):
+    """wav2vec 2.0 with a pluggable context network, built from a :class:`ModelConfig`.
+
+    ``forward(waveforms, lengths)`` runs pretraining (masking, quantizer, losses);
+    ``extract_features`` returns per-layer outputs like torchaudio's method of the same name;
+    ``encode`` returns the final context output (what a CTC head reads).
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.feature_extractor = FeatureExtractor(config.extractor)
+        self.context = build_context(config.context)
+        feature_dim = self.feature_extractor.output_dim
+        self.frontend = Frontend(feature_dim, self.context.input_dim, config.dropout_input)
+        self.dropout_features = nn.Dropout(config.dropout_features)
+        self.quantizer = GumbelVectorQuantizer(feature_dim, config.codevector_dim, config.quantizer)
+        self.project_q = nn.Linear(config.codevector_dim, config.final_dim)
+        self.final_proj = nn.Linear(self.context.output_dim, config.final_dim)
+        self.aux = nn.Linear(self.context.output_dim, config.aux_num_out) if config.aux_num_out else None
+
+    # ------------------------------------------------------------------ inputs and features
+
+    def validate_inputs(self, waveforms: Tensor, lengths: Tensor | None, check_values: bool | None) -> None:
+        """Raise ValueError naming the problem. Shape and dtype are always checked; values (NaN or
+        Inf, lengths too short for the receptive field) when ``check_values`` is True, or when it is
+        None and the tensors are on the CPU, where checking costs no device synchronisation."""
+        if not isinstance(waveforms, Tensor):
+            raise ValueError(f"waveforms must be a torch.Tensor, got {type(waveforms).__name__}")
+        if waveforms.ndim != 2:
+            raise ValueError(f"waveforms must have shape (batch, samples), got {tuple(waveforms.shape)}")
+        if not waveforms.is_floating_point():
+            raise ValueError(f"waveforms must be floating point, got {waveforms.dtype}")
+        if waveforms.shape[0] == 0 or waveforms.shape[1] == 0:
+            raise ValueError(f"empty batch: waveforms have shape {tuple(waveforms.shape)}")
+        if lengths is not None:
+            if lengths.ndim != 1 or lengths.shape[0] != waveforms.shape[0]:
+                raise ValueError(f"lengths must have shape ({waveforms.shape[0]},), got {tuple(lengths.shape)}")
+            if lengths.is_floating_point() or lengths.is_complex() or lengths.dtype == torch.bool:
+                raise ValueError(f"lengths must be integers, got {lengths.dtype}")
+        field = self.feature_extractor.receptive_field
+        if lengths is None and waveforms.shape[1] < field:
+            raise ValueError(f"waveforms of {waveforms.shape[1]} samples are shorter than the receptive "
+                             f"field of the feature extractor ({field} samples)")
+        if lengths is not None and (check_values or (check_values is None and lengths.device.type == "cpu")):
+            too_long = (lengths > waveforms.shape[1]).nonzero()
+            if len(too_long):
+                i = int(too_long[0])
+                raise ValueError(f"lengths[{i}]={int(lengths[i])} exceeds the {waveforms.shape[1]} samples given")
+            too_short = (lengths < field).nonzero()
+            if len(too_short):
+                i = int(too_short[0])
+                raise ValueError(f"waveform {i} has {int(lengths[i])} samples, fewer than the receptive field "
+                                 f"of the feature extractor ({field} samples)")
+        if check_values or (check_values is None and waveforms.device.type == "cpu"):
+            bad = (~torch.isfinite(waveforms)).any(1).nonzero()
+            if len(bad):
+                raise ValueError(f"waveform {int(bad[0])} contains NaN or Inf samples")
+
+    def _features(self, waveforms: Tensor, lengths: Tensor | None,
+                  check_values: bool | None) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """Extractor output ``(B, T, C)``, padding mask ``(B, T)`` and frame lengths ``(B,)``."""
+        self.validate_inputs(waveforms, lengths, check_values)
+        mult = self.config.feature_grad_mult
+        if mult > 0:
+            features = self.feature_extractor(waveforms)
+            if mult != 1.0:
+                features = GradMultiply.apply(features, mult)
+        else:
+            with torch.no_grad():
+                features = self.feature_extractor(waveforms)
+        if lengths is None:
+            return features, None, None
+        frames = self.feature_extractor.output_lengths(lengths.to(features.device))
+        padding_mask = torch.arange(features.shape[1], device=features.device) >= frames.unsqueeze(1)
+        return features, padding_mask, frames
+
+    @staticmethod
+    def _lengths(padding_mask: Tensor | None) -> Tensor | None:
+        return None if padding_mask is None else (~padding_mask).sum(1)
+
+    def extract_features(self, waveforms: Tensor, lengths: Tensor | None = None,
+                         num_layers: int | None = None,
+                         check_values: bool | None = None) -> tuple[list[Tensor], Tensor | None]:
+        """Per-layer context outputs ``[(B, T, D)] * L`` and frame lengths ``(B,)`` (None if
+        ``lengths`` is None); ``num_layers`` stops early. No masking, no quantizer."""
+        features, padding_mask, _ = self._features(waveforms, lengths, check_values)
+        x, _ = self.frontend(features)
+        out = self.context(x, padding_mask, num_layers=num_layers)
+        return out.hidden_states, self._lengths(out.padding_mask)
+
+    def encode(self, waveforms: Tensor, lengths: Tensor | None = None,
+               check_values: bool | None = None) -> tuple[Tensor, Tensor | None]:
+        """Final context output ``(B, T, D)`` and frame lengths ``(B,)``, unmasked."""
+        features, padding_mask, _ = self._features(waveforms, lengths, check_values)
+        x, _ = self.frontend(features)
+        out = self.context(x, padding_mask)
+        return out.output, self._lengths(out.padding_mask)
+
+    # ------------------------------------------------------------------ pretraining
+
+    def set_num_updates(self, num_updates: int) -> None:
+        """Propagate the trainer's update count to every submodule that follows it."""
+        for module in self.modules():
+            if module is not self and hasattr(module, "set_num_updates"):
+                module.set_num_updates(num_updates)
+
+    def forward(self, waveforms: Tensor, lengths: Tensor | None = None, mask: Tensor | None = None,
+                check_values: bool | None = None) -> PretrainOutput:
+        """Pretraining step on ``waveforms (B, S)`` with valid ``lengths (B,)``.
+
+        ``mask (B, T)`` overrides the span masking (it must not cover padding).
+        """
+        cfg = self.config
+        features, padding_mask, frames = self._features(waveforms, lengths, check_values)
+        feature_penalty = features.float().pow(2).mean()
+        batch, length, _ = features.shape
+        if mask is None:
+            m = cfg.masking
+            mask = compute_span_mask((batch, length), m.mask_prob, m.mask_length, m.min_masks, frames,
+                                     m.require_same_masks, m.mask_dropout, m.no_overlap, m.min_space,
+                                     device=features.device)
+        channel_mask = None
+        if cfg.masking.channel_prob > 0:
+            channel_mask = compute_channel_mask(batch, self.context.input_dim, cfg.masking.channel_prob,
+                                                cfg.masking.channel_length, device=features.device)
+        x, normalized = self.frontend(features, mask, channel_mask)
+        out = self.context(x, padding_mask)
+
+        # Slot layout: each row's masked frames first, in time order (see objectives.negatives).
+        order = torch.argsort((~mask).to(torch.uint8), dim=1, stable=True)
+        counts = mask.sum(1)
+        valid = torch.arange(length, device=mask.device) < counts.unsqueeze(1)
+        targets_in = self.dropout_features(normalized).gather(
+            1, order.unsqueeze(-1).expand(-1, -1, normalized.shape[-1]))
+        q = self.quantizer(targets_in, valid)
+        targets = self.project_q(q.quantized)
+        predictions = self.final_proj(out.output.gather(1, order.unsqueeze(-1).expand(-1, -1, out.output.shape[-1])))
+
+        negatives = sample_negatives(counts, length, cfg.loss.num_negatives, cfg.loss.cross_sample_negatives)
+        logits = contrastive_logits(predictions, targets, q.codes, negatives, cfg.loss.logit_temp)
+        contrastive, correct = contrastive_loss(logits, valid)
+        sample_size = counts.sum()
+        diversity = diversity_loss(q.prob_perplexity, self.quantizer.num_groups * self.quantizer.num_vars)
+        loss = (contrastive
+                + cfg.loss.diversity_weight * diversity * sample_size
+                + cfg.loss.feature_penalty_weight * feature_penalty * sample_size)
+        return PretrainOutput(
+            loss=loss, contrastive_loss=contrastive, diversity_loss=diversity,
+            feature_penalty=feature_penalty, sample_size=sample_size, correct=correct,
+            prob_perplexity=q.prob_perplexity, code_perplexity=q.code_perplexity,
+            temperature=q.temperature, logits=logits, mask=mask,
+        )
+
+    # ------------------------------------------------------------------ persistence
+
+    def save(self, path: str | os.PathLike) -> None:
+        """One standalone file with the config and the weights; read it with :func:`load_model`."""
+        torch.save({"format": FORMAT, "version": 1, "config": to_dict(self.config),
+                    "state_dict": self.state_dict()}, path)
+
+
+def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Wav2Vec2Model:
+    """Rebuild a model written by :meth:`Wav2Vec2Model.save`."""
+    blob = torch.load(path, map_location=map_location, weights_only=True)
+    if not isinstance(blob, dict) or blob.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a speechssl model file (saved with Wav2Vec2Model.save)")
+    model = Wav2Vec2Model(load_model_config(blob["config"]))
+    model.load_state_dict(blob["state_dict"])
+    return model

@@ -1,0 +1,1 @@
+"""Pretraining objectives: span masking, negative sampling, contrastive and diversity losses."""

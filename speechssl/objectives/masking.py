@@ -1,0 +1,83 @@
+"""Span masking with fairseq's ``compute_mask_indices`` semantics, vectorised in torch.
+
+Everything runs on the tensors' device with no host synchronisation and no per-row Python loop:
+random choices of ``k`` items per row (``k`` varying by row) are made by ranking random scores.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def _choose(candidates: Tensor, counts: Tensor) -> Tensor:
+    """Pick ``counts[b]`` random True entries of each row of ``candidates (B, T)``: ``(B, T)`` bool."""
+    scores = torch.rand(candidates.shape, device=candidates.device)
+    scores = scores.masked_fill(~candidates, 2.0)  # never picked before a candidate
+    rank = scores.argsort(dim=1).argsort(dim=1)
+    return candidates & (rank < counts.unsqueeze(1))
+
+
+def _spans(starts: Tensor, span: int) -> Tensor:
+    """Frames covered by spans of ``span`` frames beginning at the True entries of ``starts (B, T)``."""
+    c = torch.nn.functional.pad(starts.long().cumsum(1), (span, 0))
+    return (c[:, span:] - c[:, :-span]) > 0
+
+
+def compute_span_mask(
+    shape: tuple[int, int],
+    mask_prob: float,
+    mask_length: int,
+    min_masks: int = 0,
+    lengths: Tensor | None = None,
+    require_same_masks: bool = True,
+    mask_dropout: float = 0.0,
+    no_overlap: bool = False,
+    min_space: int = 0,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """A ``(B, T)`` bool mask of spans of ``mask_length`` frames.
+
+    Each row draws ``max(min_masks, int(mask_prob * len / mask_length + U[0,1)))`` span starts among
+    its ``len`` valid frames (``lengths (B,)``; padding is never masked); overlapping spans merge, so
+    the masked fraction at 0.65/10 is about 49%. ``require_same_masks`` then trims every row to the
+    batch's smallest count, and ``mask_dropout`` unmasks that fraction again. ``no_overlap`` places
+    spans at least ``min_space`` frames apart, uniformly over such placements.
+    """
+    batch, length = shape
+    if lengths is None:
+        lengths = torch.full((batch,), length, device=device, dtype=torch.long)
+    lengths = lengths.to(device=device if device is not None else lengths.device, dtype=torch.long)
+    dev = lengths.device
+    positions = torch.arange(length, device=dev).unsqueeze(0)
+    num = (mask_prob * lengths / mask_length + torch.rand(batch, device=dev)).long().clamp_min(min_masks)
+
+    if no_overlap:
+        # k spans with gaps >= min_space <-> k distinct slots among (free frames + k); the j-th chosen
+        # slot s_j (sorted) starts its span at s_j + j * (mask_length + min_space - 1).
+        stride = mask_length + min_space
+        num = torch.minimum(num, torch.div(lengths + min_space, stride, rounding_mode="floor"))
+        free = lengths - num * mask_length - (num - 1).clamp_min(0) * min_space
+        chosen = _choose(positions < (free + num).unsqueeze(1), num)
+        start = positions + (chosen.long().cumsum(1) - 1) * (stride - 1)
+        hits = torch.zeros(batch, length, dtype=torch.long, device=dev)
+        starts = hits.scatter_add_(1, start.clamp(0, length - 1), chosen.long()) > 0
+    else:
+        # fairseq: starts uniform in [0, len - mask_length), widened when too few positions remain.
+        num_starts = torch.maximum(lengths - mask_length, num + 1).clamp_max(lengths)
+        num = torch.minimum(num, num_starts)
+        starts = _choose(positions < num_starts.unsqueeze(1), num)
+    mask = _spans(starts, mask_length) & (positions < lengths.unsqueeze(1))
+
+    counts = mask.sum(1)
+    if require_same_masks:
+        counts = counts.min().expand(batch)
+    if mask_dropout > 0:
+        counts = counts - torch.round(counts * mask_dropout).long()
+    return _choose(mask, counts)
+
+
+def compute_channel_mask(batch: int, channels: int, prob: float, length: int,
+                         device: torch.device | str | None = None) -> Tensor:
+    """A ``(B, D)`` bool mask of channel spans (fairseq ``mask_channel_prob`` / ``_length``)."""
+    return compute_span_mask((batch, channels), prob, length, min_masks=0, device=device)

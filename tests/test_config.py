@@ -1,0 +1,73 @@
+from __future__ import annotations
+
+import pytest
+
+from pretrain.overfit import OverfitConfig
+from speechssl.config import ConfigError, ModelConfig, build, load_model_config
+from speechssl.models.context.transformer import TransformerConfig
+from speechssl.models.wav2vec2 import Wav2Vec2Model
+from tests.conftest import REPO
+
+MODELS = REPO / "configs/model"
+
+
+def test_base_config_is_fairseq_base() -> None:
+    cfg = load_model_config(str(MODELS / "base_transformer.yaml"))
+    ctx = cfg.context
+    assert isinstance(ctx, TransformerConfig)
+    assert (ctx.num_layers, ctx.embed_dim, ctx.ffn_dim, ctx.num_heads) == (12, 768, 3072, 12)
+    assert cfg.extractor.mode == "group_norm" and not cfg.extractor.conv_bias
+    assert not ctx.layer_norm_first and cfg.final_dim == 256
+    assert cfg.extractor.conv_layers == [[512, 10, 5]] + [[512, 3, 2]] * 4 + [[512, 2, 2]] * 2
+    assert (cfg.quantizer.num_groups, cfg.quantizer.num_vars) == (2, 320)
+    params = sum(p.numel() for p in Wav2Vec2Model(cfg).parameters())
+    assert 94e6 < params < 96e6  # fairseq's BASE has 95M
+
+
+def test_large_config_is_fairseq_large_lv60k() -> None:
+    cfg = load_model_config(str(MODELS / "large_transformer.yaml"))
+    ctx = cfg.context
+    assert (ctx.num_layers, ctx.embed_dim, ctx.ffn_dim, ctx.num_heads) == (24, 1024, 4096, 16)
+    assert cfg.extractor.mode == "layer_norm" and cfg.extractor.conv_bias
+    assert ctx.layer_norm_first and cfg.final_dim == 768
+
+
+def test_dotted_overrides_and_file_sections() -> None:
+    cfg = build(OverfitConfig, str(REPO / "configs/pretrain/overfit_tiny.yaml"),
+                ["model.context.num_layers=4", "steps=7", "model.masking.mask_prob=0.5"])
+    assert cfg.model.context.num_layers == 4 and cfg.steps == 7 and cfg.model.masking.mask_prob == 0.5
+    assert cfg.model.context.embed_dim == 96  # the rest comes from the included model file
+    swapped = build(OverfitConfig, str(REPO / "configs/pretrain/overfit_tiny.yaml"),
+                    ["model=configs/model/base_transformer.yaml", "model.context.num_layers=3"])
+    assert swapped.model.context.embed_dim == 768 and swapped.model.context.num_layers == 3
+
+
+@pytest.mark.parametrize(
+    ("override", "key", "words"),
+    [
+        ("model.context.num_layerz=4", "model.context.num_layerz", "unknown key"),
+        ("model.bogus=1", "model.bogus", "unknown key"),
+        ("stepz=1", "stepz", "unknown key"),
+        ("model.context.num_layers=four", "model.context.num_layers", "four"),
+        ("model.quantizer.temp_start=hot", "model.quantizer.temp_start", "hot"),
+        ("model.extractor.mode=batch_norm", "model.extractor.mode", "group_norm"),
+        ("model.context.num_heads=5", "model.context.num_heads", "divide"),
+        ("model.context.type=lstm", "model.context.type", "unknown context network"),
+        ("model.masking.mask_prob=1.5", "model.masking.mask_prob", "[0, 1]"),
+        ("model.quantizer.codevector_dim=63", "model.quantizer.codevector_dim", "divisible"),
+        ("model=configs/model/nope.yaml", "model", "not found"),
+    ],
+)
+def test_bad_values_name_the_key(override: str, key: str, words: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        build(OverfitConfig, str(REPO / "configs/pretrain/overfit_tiny.yaml"), [override])
+    message = str(err.value)
+    assert message.startswith(f"{key}:"), message
+    assert words in message, message
+
+
+def test_saved_config_round_trips(tiny_config: ModelConfig) -> None:
+    from speechssl.config import to_dict
+
+    again = load_model_config(to_dict(tiny_config))
+    assert again == tiny_config

@@ -1,0 +1,76 @@
+from __future__ import annotations
+
+import itertools
+
+import torch
+
+from speechssl.objectives.masking import compute_channel_mask, compute_span_mask
+
+
+def _runs(row: torch.Tensor) -> list[tuple[int, int]]:
+    """(start, length) of each run of True."""
+    runs, start = [], None
+    for i, v in enumerate([*row.tolist(), False]):
+        if v and start is None:
+            start = i
+        elif not v and start is not None:
+            runs.append((start, i - start))
+            start = None
+    return runs
+
+
+def test_spans_stay_inside_valid_lengths_with_equal_counts() -> None:
+    lengths = torch.tensor([200, 150, 97, 31, 200, 64])
+    for _ in range(20):
+        mask = compute_span_mask((6, 200), 0.65, 10, 2, lengths)
+        assert not mask[torch.arange(200) >= lengths[:, None]].any()
+        counts = mask.sum(1)
+        assert torch.all(counts == counts[0]) and counts[0] > 0
+
+
+def test_masked_fraction_matches_fairseq() -> None:
+    # Overlapping spans of 10 from int(0.065 * T + U) starts cover about 1 - (1 - 0.065)^10 = 49%.
+    mask = compute_span_mask((400, 500), 0.65, 10, 2, require_same_masks=False)
+    fraction = mask.float().mean().item()
+    assert 0.46 < fraction < 0.52, fraction
+    same = compute_span_mask((8, 500), 0.65, 10, 2)
+    assert 0.38 < same.float().mean().item() < 0.52
+
+
+def test_spans_are_whole_and_min_masks_hold() -> None:
+    mask = compute_span_mask((50, 300), 0.3, 10, 2, require_same_masks=False)
+    for row in mask:
+        assert all(length >= 10 for _, length in _runs(row))
+    short = compute_span_mask((20, 40), 0.01, 5, min_masks=2, require_same_masks=False)
+    assert (short.sum(1) >= 5).all()  # min_masks spans even when mask_prob asks for none
+
+
+def test_no_overlap_keeps_min_space() -> None:
+    mask = compute_span_mask((50, 300), 0.65, 10, 2, require_same_masks=False, no_overlap=True, min_space=3)
+    for row in mask:
+        runs = _runs(row)
+        assert runs and all(length == 10 for _, length in runs)
+        gaps = [b[0] - (a[0] + a[1]) for a, b in itertools.pairwise(runs)]
+        assert all(g >= 3 for g in gaps)
+
+
+def test_mask_dropout_unmasks_a_fraction() -> None:
+    torch.manual_seed(3)
+    full = compute_span_mask((4, 300), 0.65, 10, 2)
+    torch.manual_seed(3)
+    dropped = compute_span_mask((4, 300), 0.65, 10, 2, mask_dropout=0.2)
+    n = full.sum(1)
+    assert torch.equal(dropped.sum(1), n - torch.round(n * 0.2).long())
+    assert not (dropped & ~full).any()
+
+
+def test_masks_differ_between_rows_and_calls() -> None:
+    a = compute_span_mask((4, 300), 0.65, 10, 2)
+    b = compute_span_mask((4, 300), 0.65, 10, 2)
+    assert not torch.equal(a, b) and not torch.equal(a[0], a[1])
+
+
+def test_channel_mask() -> None:
+    mask = compute_channel_mask(8, 256, 0.5, 16)
+    assert mask.shape == (8, 256) and mask.any()
+    assert (mask.sum(1) == mask.sum(1)[0]).all()
