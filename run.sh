@@ -12,7 +12,10 @@ stamp="$VENV/.installed"
 want="$(cat constraints.txt pyproject.toml | sha256sum | cut -d' ' -f1)"
 
 if [ ! -x "$VENV/bin/python" ]; then
-    "$PYTHON" -m venv "$VENV"
+    "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 10))' ||
+        { echo "run.sh: needs Python 3.10 or newer as $PYTHON (set PYTHON=...)" >&2; exit 1; }
+    "$PYTHON" -m venv "$VENV" ||
+        { echo "run.sh: could not create $VENV (on Debian/Ubuntu: apt-get install python3-venv)" >&2; exit 1; }
 fi
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     "$VENV/bin/python" -m pip install -q --upgrade pip

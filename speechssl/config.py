@@ -198,6 +198,13 @@ class ModelConfig:
     aux_num_out: Optional[int] = None  # noqa: UP045  (OmegaConf needs typing.Optional on Python 3.10)
 
     def __post_init__(self) -> None:
+        if isinstance(self.context, dict):  # built in Python as ModelConfig(context={"type": ...})
+            try:
+                self.context = _context_schema(self.context.get("type", "transformer"))(**self.context)
+            except KeyError as e:
+                raise ConfigError(f"model.context.type: {e.args[0]}") from None
+            except TypeError as e:
+                raise ConfigError(f"model.context: {e}") from None
         check(self.feature_grad_mult >= 0, "model.feature_grad_mult", "must be >= 0")
         check(0 <= self.dropout_input < 1, "model.dropout_input", "must be in [0, 1)")
         check(0 <= self.dropout_features < 1, "model.dropout_features", "must be in [0, 1)")
@@ -303,7 +310,7 @@ def _to_object(schema: type[T], node: DictConfig) -> T:
     return schema(**values)
 
 
-def build(schema: type[T], raw: dict | str | None = None, overrides: Sequence[str] = (),
+def build(schema: type[T], raw: dict | str | os.PathLike | None = None, overrides: Sequence[str] = (),
           base_dir: str | os.PathLike | None = None) -> T:
     """Build a validated ``schema`` instance from a mapping or YAML path plus dotted overrides.
 
@@ -311,6 +318,8 @@ def build(schema: type[T], raw: dict | str | None = None, overrides: Sequence[st
     and apply in order, after the file. Raises :class:`ConfigError` naming the key at fault.
     """
     base = Path(base_dir) if base_dir is not None else None
+    if isinstance(raw, os.PathLike):
+        raw = os.fspath(raw)
     if isinstance(raw, str):
         path = _find_file(raw, "config", None)
         raw, base = _read_yaml(path, "config"), path.parent
@@ -340,7 +349,7 @@ def _set_dotted(tree: dict, parts: list[str], value: Any, dotted: str, base: Pat
     node[parts[-1]] = value
 
 
-def load_model_config(source: dict | str, overrides: Sequence[str] = ()) -> ModelConfig:
+def load_model_config(source: dict | str | os.PathLike, overrides: Sequence[str] = ()) -> ModelConfig:
     """A :class:`ModelConfig` from a mapping (e.g. a saved model's) or a YAML file of the model section.
 
     Overrides are relative to the model section: ``context.num_layers=4``.
@@ -350,7 +359,7 @@ def load_model_config(source: dict | str, overrides: Sequence[str] = ()) -> Mode
     class _Wrapper:
         model: ModelConfig = field(default_factory=ModelConfig)
 
-    raw = {"model": source}
+    raw = {"model": os.fspath(source) if isinstance(source, os.PathLike) else source}
     return build(_Wrapper, raw, [f"model.{o}" for o in overrides]).model
 
 

@@ -17,7 +17,7 @@ def _seed() -> None:
 
 @pytest.fixture
 def tiny_config() -> ModelConfig:
-    return load_model_config(str(REPO / "configs/model/tiny_transformer.yaml"))
+    return load_model_config(REPO / "configs/model/tiny_transformer.yaml")
 
 
 @pytest.fixture

@@ -71,3 +71,14 @@ def test_saved_config_round_trips(tiny_config: ModelConfig) -> None:
 
     again = load_model_config(to_dict(tiny_config))
     assert again == tiny_config
+
+
+def test_model_config_built_in_python() -> None:
+    cfg = ModelConfig(context={"type": "transformer", "num_layers": 2, "embed_dim": 64, "num_heads": 4,
+                               "ffn_dim": 128, "pos_conv_groups": 4})
+    assert isinstance(cfg.context, TransformerConfig) and cfg.context.num_layers == 2
+    assert len(Wav2Vec2Model(cfg).context.layers) == 2
+    with pytest.raises(ConfigError, match=r"model\.context"):
+        ModelConfig(context={"type": "transformer", "num_layerz": 2})
+    with pytest.raises(ConfigError, match=r"model\.context\.type: unknown context network"):
+        ModelConfig(context={"type": "rnn"})

@@ -15,7 +15,7 @@ from speechssl.models.frontend import Frontend, GradMultiply
 from speechssl.models.quantizer import GumbelVectorQuantizer
 from speechssl.objectives.losses import contrastive_logits, contrastive_loss, diversity_loss
 from speechssl.objectives.masking import compute_channel_mask, compute_span_mask
-from speechssl.objectives.negatives import sample_negatives
+from speechssl.objectives.negatives import Negatives, sample_negatives
 
 FORMAT = "speechssl.Wav2Vec2Model"
 
@@ -159,10 +159,12 @@ class Wav2Vec2Model(nn.Module):
                 module.set_num_updates(num_updates)
 
     def forward(self, waveforms: Tensor, lengths: Tensor | None = None, mask: Tensor | None = None,
-                check_values: bool | None = None) -> PretrainOutput:
+                negatives: Negatives | None = None, check_values: bool | None = None) -> PretrainOutput:
         """Pretraining step on ``waveforms (B, S)`` with valid ``lengths (B,)``.
 
-        ``mask (B, T)`` overrides the span masking (it must not cover padding).
+        ``mask (B, T)`` overrides the span masking (it must not cover padding) and ``negatives``
+        (in the slot layout of :mod:`speechssl.objectives.negatives`) the negative sampling; both
+        exist to reproduce another implementation's draw exactly.
         """
         cfg = self.config
         features, padding_mask, frames = self._features(waveforms, lengths, check_values)
@@ -190,7 +192,8 @@ class Wav2Vec2Model(nn.Module):
         targets = self.project_q(q.quantized)
         predictions = self.final_proj(out.output.gather(1, order.unsqueeze(-1).expand(-1, -1, out.output.shape[-1])))
 
-        negatives = sample_negatives(counts, length, cfg.loss.num_negatives, cfg.loss.cross_sample_negatives)
+        if negatives is None:
+            negatives = sample_negatives(counts, length, cfg.loss.num_negatives, cfg.loss.cross_sample_negatives)
         logits = contrastive_logits(predictions, targets, q.codes, negatives, cfg.loss.logit_temp)
         contrastive, correct = contrastive_loss(logits, valid)
         sample_size = counts.sum()
