@@ -87,7 +87,7 @@ def run(config: OverfitConfig, echo: bool = True) -> list[dict[str, float]]:
         model.set_num_updates(step - 1)
         out = model(waves, lengths)
         optimizer.zero_grad(set_to_none=True)
-        (out.loss / out.sample_size).backward()
+        (out.loss / out.sample_size.clamp_min(1)).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip_norm)
         optimizer.step()
         warmup.step()

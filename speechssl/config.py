@@ -16,6 +16,7 @@ Value checks that types cannot express (ranges, divisibility) live in each schem
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -103,6 +104,8 @@ class QuantizerConfig:
         check(self.num_vars >= 2, "model.quantizer.num_vars", "must be >= 2")
         check(self.codevector_dim >= 0, "model.quantizer.codevector_dim", "must be >= 0 (0 = final_dim)")
         check(self.weight_proj_depth >= 1, "model.quantizer.weight_proj_depth", "must be >= 1")
+        check(self.weight_proj_factor >= 1, "model.quantizer.weight_proj_factor", "must be >= 1")
+        check(math.isfinite(self.temp_start), "model.quantizer.temp_start", "must be finite")
         check(0 < self.temp_end <= self.temp_start, "model.quantizer.temp_end",
               "must satisfy 0 < temp_end <= temp_start")
         check(0 < self.temp_decay <= 1, "model.quantizer.temp_decay", "must be in (0, 1]")
@@ -198,6 +201,8 @@ class ModelConfig:
     aux_num_out: Optional[int] = None  # noqa: UP045  (OmegaConf needs typing.Optional on Python 3.10)
 
     def __post_init__(self) -> None:
+        if isinstance(self.context, str):  # ModelConfig(context="transformer")
+            self.context = {"type": self.context}
         if isinstance(self.context, dict):  # built in Python as ModelConfig(context={"type": ...})
             try:
                 self.context = _context_schema(self.context.get("type", "transformer"))(**self.context)
@@ -270,10 +275,11 @@ def _structure(schema: type, raw: Any, key: str, base_dir: Path | None) -> DictC
             if isinstance(value, str):
                 path = _find_file(value, sub_key, base_dir)
                 value = _read_yaml(path, sub_key)
-            check(isinstance(value, dict) and "type" in value, f"{sub_key}.type", "is required")
+            check(isinstance(value, dict), sub_key, f"expected a mapping, got {value!r}")
+            value = {"type": f.default_factory()["type"], **value}  # the default type unless named
             try:
                 sub_schema = pick(value["type"])
-            except KeyError as e:
+            except (KeyError, TypeError) as e:
                 raise ConfigError(f"{sub_key}.type: {e.args[0]}") from None
             sub_nodes[f.name] = _structure(sub_schema, value, sub_key, base_dir)
         elif _is_schema(hints[f.name]):

@@ -56,6 +56,8 @@ def test_dotted_overrides_and_file_sections() -> None:
         ("model.masking.mask_prob=1.5", "model.masking.mask_prob", "[0, 1]"),
         ("model.quantizer.codevector_dim=63", "model.quantizer.codevector_dim", "divisible"),
         ("model=configs/model/nope.yaml", "model", "not found"),
+        ("model.context.type=[1]", "model.context.type", "unhashable"),
+        ("model.quantizer.weight_proj_factor=0", "model.quantizer.weight_proj_factor", ">= 1"),
     ],
 )
 def test_bad_values_name_the_key(override: str, key: str, words: str) -> None:
@@ -64,6 +66,13 @@ def test_bad_values_name_the_key(override: str, key: str, words: str) -> None:
     message = str(err.value)
     assert message.startswith(f"{key}:"), message
     assert words in message, message
+
+
+def test_context_type_defaults_to_transformer() -> None:
+    cfg = build(OverfitConfig, {"model": {"context": {"num_layers": 3}}}, ["model.context.embed_dim=64",
+                                                                         "model.context.num_heads=4"])
+    assert isinstance(cfg.model.context, TransformerConfig) and cfg.model.context.num_layers == 3
+    assert isinstance(ModelConfig(context="transformer").context, TransformerConfig)
 
 
 def test_saved_config_round_trips(tiny_config: ModelConfig) -> None:

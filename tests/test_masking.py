@@ -74,3 +74,9 @@ def test_channel_mask() -> None:
     mask = compute_channel_mask(8, 256, 0.5, 16)
     assert mask.shape == (8, 256) and mask.any()
     assert (mask.sum(1) == mask.sum(1)[0]).all()
+
+
+def test_mask_prob_zero_masks_nothing_and_a_frame_stays_visible() -> None:
+    assert not compute_span_mask((4, 100), 0.0, 10, 2).any()
+    short = compute_span_mask((64, 12), 0.65, 10, 2, torch.full((64,), 12), require_same_masks=False)
+    assert (short.sum(1) <= 11).all() and short.any()

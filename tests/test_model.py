@@ -131,3 +131,10 @@ def test_set_num_updates_drives_the_temperature(tiny_model: Wav2Vec2Model) -> No
     assert tiny_model.quantizer.temperature == pytest.approx(q.temp_start * q.temp_decay**100)
     tiny_model.set_num_updates(10**7)
     assert tiny_model.quantizer.temperature == q.temp_end
+
+
+def test_shortest_input_gives_a_finite_loss(tiny_model: Wav2Vec2Model) -> None:
+    out = tiny_model(torch.randn(2, 400), torch.tensor([400, 400]))  # one frame per row
+    assert torch.isfinite(out.loss)
+    out = tiny_model(torch.randn(2, 800), torch.tensor([800, 400]))
+    assert torch.isfinite(out.loss) and not out.mask[1, 1:].any()

@@ -41,3 +41,9 @@ def test_cross_sample_negatives() -> None:
     self_col = torch.arange(length).view(1, length, 1).expand_as(col)
     assert not ((row == self_row) & (col == self_col))[:, :3].any()
     assert set(row[0, 0].tolist()) == {0, 1, 2}  # other utterances too
+
+
+def test_rows_without_candidates_still_index_in_range() -> None:
+    neg = sample_negatives(torch.tensor([0, 1]), length=1, num_negatives=5, cross_sample_negatives=3)
+    assert not neg.local_valid.any() and not neg.cross_valid.any()
+    assert (neg.local == 0).all() and (neg.cross < 2).all()

@@ -51,8 +51,9 @@ class GumbelVectorQuantizer(nn.Module):
             layers += [nn.Linear(dim, input_dim * config.weight_proj_factor), nn.GELU()]
             dim = input_dim * config.weight_proj_factor
         last = nn.Linear(dim, groups_vars)
-        nn.init.normal_(last.weight, mean=0.0, std=1.0)
-        nn.init.zeros_(last.bias)
+        if config.weight_proj_depth == 1:  # fairseq's initialisation of a single projection
+            nn.init.normal_(last.weight, mean=0.0, std=1.0)
+            nn.init.zeros_(last.bias)
         self.weight_proj = nn.Sequential(*layers, last)
 
     def set_num_updates(self, num_updates: int) -> None:

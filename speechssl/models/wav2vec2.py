@@ -114,6 +114,11 @@ class Wav2Vec2Model(nn.Module):
                   check_values: bool | None) -> tuple[Tensor, Tensor | None, Tensor | None]:
         """Extractor output ``(B, T, C)``, padding mask ``(B, T)`` and frame lengths ``(B,)``."""
         self.validate_inputs(waveforms, lengths, check_values)
+        if lengths is not None and lengths.device != waveforms.device:
+            # Copied before any kernel is queued, from pinned memory: no wait on the device.
+            if waveforms.is_cuda and lengths.device.type == "cpu":
+                lengths = lengths.pin_memory()
+            lengths = lengths.to(waveforms.device, non_blocking=True)
         mult = self.config.feature_grad_mult
         if mult > 0:
             features = self.feature_extractor(waveforms)
@@ -124,7 +129,7 @@ class Wav2Vec2Model(nn.Module):
                 features = self.feature_extractor(waveforms)
         if lengths is None:
             return features, None, None
-        frames = self.feature_extractor.output_lengths(lengths.to(features.device))
+        frames = self.feature_extractor.output_lengths(lengths)
         padding_mask = torch.arange(features.shape[1], device=features.device) >= frames.unsqueeze(1)
         return features, padding_mask, frames
 
@@ -181,6 +186,9 @@ class Wav2Vec2Model(nn.Module):
                                                 cfg.masking.channel_length, device=features.device)
         x, normalized = self.frontend(features, mask, channel_mask)
         out = self.context(x, padding_mask)
+        if out.output.shape[1] != length:
+            raise ValueError(f"pretraining needs a context network that keeps the frame rate: "
+                             f"{length} frames in, {out.output.shape[1]} out")
 
         # Slot layout: each row's masked frames first, in time order (see objectives.negatives).
         order = torch.argsort((~mask).to(torch.uint8), dim=1, stable=True)

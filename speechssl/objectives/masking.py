@@ -42,15 +42,21 @@ def compute_span_mask(
     its ``len`` valid frames (``lengths (B,)``; padding is never masked); overlapping spans merge, so
     the masked fraction at 0.65/10 is about 49%. ``require_same_masks`` then trims every row to the
     batch's smallest count, and ``mask_dropout`` unmasks that fraction again. ``no_overlap`` places
-    spans at least ``min_space`` frames apart, uniformly over such placements.
+    spans at least ``min_space`` frames apart, uniformly over such placements (fairseq splits the
+    free intervals recursively instead; the spacing guarantee is the same). At least one valid
+    frame of each row stays unmasked. ``mask_prob`` 0 masks nothing.
     """
     batch, length = shape
+    if mask_prob <= 0:
+        return torch.zeros(shape, dtype=torch.bool, device=device if lengths is None else lengths.device)
+    # Without padding fairseq draws one span count for the whole batch; with it, one per row.
+    draw = torch.rand(1 if lengths is None else batch, device=device if lengths is None else lengths.device)
     if lengths is None:
         lengths = torch.full((batch,), length, device=device, dtype=torch.long)
     lengths = lengths.to(device=device if device is not None else lengths.device, dtype=torch.long)
     dev = lengths.device
     positions = torch.arange(length, device=dev).unsqueeze(0)
-    num = (mask_prob * lengths / mask_length + torch.rand(batch, device=dev)).long().clamp_min(min_masks)
+    num = (mask_prob * lengths / mask_length + draw.to(dev)).long().clamp_min(min_masks)
 
     if no_overlap:
         # k spans with gaps >= min_space <-> k distinct slots among (free frames + k); the j-th chosen
@@ -69,7 +75,7 @@ def compute_span_mask(
         starts = _choose(positions < num_starts.unsqueeze(1), num)
     mask = _spans(starts, mask_length) & (positions < lengths.unsqueeze(1))
 
-    counts = mask.sum(1)
+    counts = torch.minimum(mask.sum(1), (lengths - 1).clamp_min(0))
     if require_same_masks:
         counts = counts.min().expand(batch)
     if mask_dropout > 0:

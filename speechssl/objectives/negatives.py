@@ -32,7 +32,8 @@ def _uniform_excluding(high: Tensor, exclude: Tensor, shape: tuple[int, ...]) ->
     r = (torch.rand(shape, device=high.device) * span).long()
     r = torch.minimum(r, (span - 1).clamp_min(0))  # guard against float rounding up to span
     r = r + (r >= exclude).long()
-    return r, r < high
+    valid = r < high
+    return torch.where(valid, r, 0), valid  # an invalid draw still indexes in range
 
 
 def sample_negatives(counts: Tensor, length: int, num_negatives: int,
