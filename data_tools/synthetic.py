@@ -1,15 +1,16 @@
-"""Generated speech-like audio: a deterministic stand-in corpus for tests and the demo.
+"""Generated speech-like audio: the built-in, deterministic demo corpus.
 
-Each utterance is a sequence of "words" made of "phones" from a small inventory named by letters.
-Voiced phones are harmonic sources shaped by formant resonances, fricatives are band-limited
-noise, stops are a closure and a burst; speakers differ in pitch, vocal tract length (formant
-scale), speaking rate and breathiness. Formants glide between phones, so neighbouring frames are
-correlated as in speech. The transcript is the letters of the phones, words separated by spaces.
+Utterances are words from a small lexicon, spelled with "phones" named by letters and rendered by a
+simple source-filter synthesizer: voiced phones are harmonic sources shaped by formant resonances,
+fricatives are band-limited noise, stops are a closure and a burst, words are separated by pauses.
+Speakers differ in pitch, vocal-tract length (formant scale), speaking rate, loudness, breathiness
+and background noise. Formants glide between phones, so neighbouring frames are correlated as in
+speech. The transcript is the words.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
@@ -43,28 +44,36 @@ PHONES: dict[str, Phone] = {
     "T": Phone((400, 1800, 2500), 0.0, 0.5, (3000, 6500), 0.08, stop=True),
 }
 
+LEXICON = [
+    "AT", "IN", "ON", "SO", "TO", "NO", "ME", "KIT", "SAT", "TEN", "FAN", "SUN", "RUN", "NET", "LOT", "MAN",
+    "FIT", "ZOO", "OAK", "ELM", "NOSE", "MILK", "LEAF", "FORK", "RAIN", "SNAIL", "LAKE", "ROSE", "SALT",
+    "KITE", "TREE", "FIRE", "STONE", "LEMON", "ROTOR", "MELON", "TRAIN", "SMILE", "FROZEN", "MINUTE",
+]
+
 
 @dataclass(frozen=True)
 class Speaker:
-    f0: float            # Hz
+    f0: float             # Hz
     formant_scale: float
-    rate: float          # > 1 speaks faster
-    breath: float        # aspiration noise gain on voiced phones
+    rate: float           # > 1 speaks faster
+    breath: float         # aspiration noise gain on voiced phones
+    gain_db: float        # loudness
+    noise_db: float       # background noise level relative to full scale
 
 
 def random_speaker(rng: np.random.Generator) -> Speaker:
     return Speaker(f0=float(rng.uniform(90, 230)), formant_scale=float(rng.uniform(0.88, 1.15)),
-                   rate=float(rng.uniform(0.85, 1.2)), breath=float(rng.uniform(0.0, 0.05)))
+                   rate=float(rng.uniform(0.85, 1.2)), breath=float(rng.uniform(0.0, 0.05)),
+                   gain_db=float(rng.uniform(-12, 0)), noise_db=float(rng.uniform(-60, -35)))
 
 
 def random_text(rng: np.random.Generator, seconds: float) -> str:
-    """Words of 2-5 phones, about ``seconds`` long at speaking rate 1."""
-    letters = list(PHONES)
-    words, total = [], 0.0
-    while total < seconds * 0.85:
-        word = "".join(rng.choice(letters, size=int(rng.integers(2, 6))))
+    """Lexicon words adding up to about ``seconds`` at speaking rate 1."""
+    words, total = [], 0.25
+    while total < seconds or not words:
+        word = str(rng.choice(LEXICON))
         words.append(word)
-        total += sum(PHONES[c].duration for c in word) + 0.12
+        total += sum(PHONES[c].duration for c in word) + 0.11
     return " ".join(words)
 
 
@@ -85,7 +94,7 @@ def _band_noise(rng: np.random.Generator, n: int, lo: float, hi: float) -> np.nd
 
 def synthesize(text: str, speaker: Speaker, rng: np.random.Generator) -> np.ndarray:
     """Render ``text`` (phone letters and spaces) in ``speaker``'s voice: float32 samples in [-1, 1]."""
-    segments: list[tuple[Phone | None, int]] = [(None, int(0.1 * SAMPLE_RATE))]
+    segments: list[tuple[Phone | None, int]] = [(None, int(rng.uniform(0.05, 0.2) * SAMPLE_RATE))]
     for i, word in enumerate(text.split()):
         if i:
             segments.append((None, int(rng.uniform(0.06, 0.16) * SAMPLE_RATE)))
@@ -93,7 +102,7 @@ def synthesize(text: str, speaker: Speaker, rng: np.random.Generator) -> np.ndar
             phone = PHONES[letter]
             seconds = phone.duration / speaker.rate * rng.uniform(0.8, 1.25)
             segments.append((phone, int(seconds * SAMPLE_RATE)))
-    segments.append((None, int(0.1 * SAMPLE_RATE)))
+    segments.append((None, int(rng.uniform(0.05, 0.2) * SAMPLE_RATE)))
     n = sum(length for _, length in segments)
 
     formants = np.zeros((3, n))
@@ -102,10 +111,9 @@ def synthesize(text: str, speaker: Speaker, rng: np.random.Generator) -> np.ndar
     pos = 0
     last_formants = np.array(PHONES["A"].formants)
     for phone, length in segments:
-        sl = slice(pos, pos + length)
         if phone is not None:
             last_formants = np.array(phone.formants) * speaker.formant_scale
-            voiced[sl] = phone.voiced
+            voiced[pos: pos + length] = phone.voiced
             if phone.noise > 0:
                 closure = int(0.6 * length) if phone.stop else 0
                 burst = _band_noise(rng, length - closure, *phone.band) * phone.noise
@@ -113,7 +121,7 @@ def synthesize(text: str, speaker: Speaker, rng: np.random.Generator) -> np.ndar
                     burst *= np.exp(-np.arange(length - closure) / (0.015 * SAMPLE_RATE))
                     voiced[pos: pos + closure] = 0.0
                 noise[pos + closure: pos + length] = burst
-        formants[:, sl] = last_formants[:, None]
+        formants[:, pos: pos + length] = last_formants[:, None]
         pos += length
 
     ms = SAMPLE_RATE // 1000
@@ -130,8 +138,15 @@ def synthesize(text: str, speaker: Speaker, rng: np.random.Generator) -> np.ndar
         harmonic += gain * np.sin(k * phase)
     harmonic /= harmonic.std() + 1e-8
     breath = _band_noise(rng, n, 300, 6000) * speaker.breath
-    signal = voiced * (harmonic + breath) + noise + 0.003 * rng.standard_normal(n)
-    return (0.5 * signal / (np.abs(signal).max() + 1e-8)).astype(np.float32)
+    signal = voiced * (harmonic + breath) + noise
+    signal = 0.5 * signal / (np.abs(signal).max() + 1e-8) * 10 ** (speaker.gain_db / 20)
+    signal += 10 ** (speaker.noise_db / 20) * rng.standard_normal(n)
+    return np.clip(signal, -1.0, 1.0).astype(np.float32)
+
+
+def render(text: str, speaker: dict, seed: int) -> np.ndarray:
+    """Deterministic rendering of ``text`` by a speaker given as a dict of :class:`Speaker` fields."""
+    return synthesize(text, Speaker(**speaker), np.random.default_rng(seed))
 
 
 def generate_utterance(seed: int, seconds: float = 2.0, speaker: Speaker | None = None) -> tuple[np.ndarray, str]:
@@ -154,9 +169,30 @@ def generate_batch(batch_size: int, seconds: float, seed: int = 0) -> tuple[np.n
     for i in range(batch_size):
         samples, _ = generate_utterance(seed * 100_003 + i, seconds * 1.2)
         target = int(max_len * (1.0 - 0.3 * i / max(batch_size - 1, 1)))
-        waves.append(samples[:target])
+        waves.append(np.resize(samples, target))  # repeats if short: every row has its target length
     lengths = np.array([len(w) for w in waves], dtype=np.int64)
     batch = np.zeros((batch_size, lengths.max()), dtype=np.float32)
     for i, w in enumerate(waves):
         batch[i, : len(w)] = w
     return batch, lengths
+
+
+def corpus_entries(hours: float, num_speakers: int = 40, seed: int = 0,
+                   min_seconds: float = 1.0, max_seconds: float = 5.0) -> list:
+    """Entries of a synthetic corpus of about ``hours``: speakers ``spk000..``, utterances of
+    ``min_seconds``-``max_seconds``, rendered when the shard builder converts them."""
+    from data_tools.sources import Entry
+
+    rng = np.random.default_rng(seed)
+    speakers = [random_speaker(rng) for _ in range(num_speakers)]
+    entries, total, i = [], 0.0, 0
+    while total < hours * 3600:
+        spk = i % num_speakers
+        text = random_text(rng, float(rng.uniform(min_seconds, max_seconds)) * speakers[spk].rate - 0.3)
+        estimate = (sum(PHONES[c].duration for c in text.replace(" ", "")) + 0.11 * text.count(" ") + 0.25)
+        total += estimate / speakers[spk].rate
+        utt_seed = int(rng.integers(2**31))
+        entries.append(Entry(id=f"spk{spk:03d}-{i:06d}", path=f"synth:{utt_seed}", text=text, speaker=f"spk{spk:03d}",
+                             synth={"text": text, "speaker": asdict(speakers[spk]), "seed": utt_seed}))
+        i += 1
+    return entries

@@ -1,0 +1,249 @@
+"""Building WebDataset shards: ``{key}.flac`` (16-bit) + ``{key}.json`` per sample, and ``index.json``.
+
+Inputs are decoded, checked and converted in worker processes; shards are cut and written in input
+order by the main process, so the same inputs give byte-identical shards and index whatever the
+number of workers. Bad inputs are skipped, counted by reason and listed in ``skipped.tsv``.
+``index.json`` is removed first and written last, atomically: a killed job leaves no index.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import re
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import webdataset as wds
+from tqdm import tqdm
+
+from data_tools.audio import BadAudio, encode_flac, prepare, read_audio
+from data_tools.sources import Entry
+
+INDEX = "index.json"
+REPORT = "skipped.tsv"
+FORMAT = "speechssl-shards"
+MTIME = 0  # fixed tar timestamps: reproducible shards
+
+
+@dataclass
+class ShardOptions:
+    """sample_rate: target rate (resampled with soxr). max_count / max_megabytes / max_hours: a
+    shard is closed before it would exceed any of them (0 = no limit). min_seconds / max_seconds:
+    inputs outside are skipped. workers: decoding processes. prefix: shard file names."""
+
+    sample_rate: int = 16000
+    max_count: int = 2000
+    max_megabytes: float = 256.0
+    max_hours: float = 0.0
+    min_seconds: float = 0.1
+    max_seconds: float = 600.0
+    workers: int = max(1, (os.cpu_count() or 1))
+    prefix: str = "shard"
+
+
+@dataclass
+class Sample:
+    key: str
+    flac: bytes
+    meta: bytes
+    num_samples: int
+    speaker: str | None
+    text: str | None
+
+
+@dataclass
+class Skip:
+    id: str
+    path: str
+    reason: str
+    detail: str
+
+
+def safe_key(entry_id: str) -> str:
+    """A WebDataset-safe key: no dots (they start the extension), no slashes, no leading underscore."""
+    key = re.sub(r"[^A-Za-z0-9_-]+", "_", entry_id).strip("_") or "utt"
+    return key[:120]
+
+
+def _unique_keys(entries: list[Entry]) -> list[str]:
+    seen: Counter[str] = Counter()
+    keys = []
+    for entry in entries:
+        key = safe_key(entry.id)
+        seen[key] += 1
+        keys.append(key if seen[key] == 1 else f"{key}-{seen[key]}")
+    return keys
+
+
+def _load(entry: Entry) -> tuple:
+    if entry.synth is not None:
+        from data_tools.synthetic import SAMPLE_RATE, render
+
+        return render(**entry.synth), SAMPLE_RATE
+    return read_audio(entry.path)
+
+
+def convert(job: tuple[Entry, str, ShardOptions]) -> Sample | Skip:
+    """Decode, check, resample and encode one entry (runs in a worker)."""
+    entry, key, options = job
+    try:
+        samples, rate = _load(entry)
+        samples = prepare(samples, rate, options.sample_rate, options.min_seconds, options.max_seconds)
+        flac, clipped = encode_flac(samples, options.sample_rate)
+    except BadAudio as e:
+        return Skip(entry.id, entry.path, e.reason, e.detail)
+    except Exception as e:  # one bad file never stops the job; it is reported with its error
+        return Skip(entry.id, entry.path, "error", f"{type(e).__name__}: {e}")
+    meta = {
+        "id": entry.id,
+        "path": entry.path,
+        "sample_rate": options.sample_rate,
+        "original_sample_rate": rate,
+        "num_samples": int(samples.size),
+        "duration": round(samples.size / options.sample_rate, 6),
+        "text": entry.text,
+        "speaker": entry.speaker,
+        **({"clipped_samples": clipped} if clipped else {}),
+        **entry.extra,
+    }
+    return Sample(key, flac, json.dumps(meta, sort_keys=True, ensure_ascii=False).encode(), int(samples.size),
+                  entry.speaker, entry.text)
+
+
+def _converted(entries: list[Entry], options: ShardOptions) -> Iterator[Sample | Skip]:
+    jobs = [(e, k, options) for e, k in zip(entries, _unique_keys(entries), strict=True)]
+    if options.workers <= 1:
+        yield from map(convert, jobs)
+        return
+    with multiprocessing.get_context("fork").Pool(options.workers) as pool:
+        yield from pool.imap(convert, jobs, chunksize=4)
+
+
+class _ShardCutter:
+    """Writes samples into numbered shards, closing one before it would exceed a limit."""
+
+    def __init__(self, output: Path, options: ShardOptions):
+        self.output, self.options = output, options
+        self.shards: list[dict] = []
+        self.writer: wds.TarWriter | None = None
+        self.current: dict = {}
+
+    def _open(self) -> None:
+        name = f"{self.options.prefix}-{len(self.shards):06d}.tar"
+        self.stream = (self.output / name).open("wb")
+        self.writer = wds.TarWriter(self.stream, encoder=False, mtime=MTIME, user="speechssl", group="speechssl")
+        self.current = {"name": name, "num_samples": 0, "seconds": 0.0, "bytes": 0, "keys": [], "lengths": []}
+        self.shards.append(self.current)
+
+    def _close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.stream.close()
+            self.current["bytes"] = (self.output / self.current["name"]).stat().st_size
+            self.current["seconds"] = round(self.current["seconds"], 3)
+            self.writer = None
+
+    def add(self, sample: Sample) -> None:
+        o = self.options
+        seconds = sample.num_samples / o.sample_rate
+        size = len(sample.flac) + len(sample.meta) + 1536  # tar headers and padding
+        c = self.current
+        full = self.writer is not None and c["num_samples"] > 0 and (
+            (o.max_count and c["num_samples"] + 1 > o.max_count)
+            or (o.max_megabytes and c["bytes"] + size > o.max_megabytes * 1e6)
+            or (o.max_hours and c["seconds"] + seconds > o.max_hours * 3600))
+        if self.writer is None or full:
+            self._close()
+            self._open()
+            c = self.current
+        self.writer.write({"__key__": sample.key, "flac": sample.flac, "json": sample.meta})
+        c["num_samples"] += 1
+        c["seconds"] += seconds
+        c["bytes"] += size
+        c["keys"].append(sample.key)
+        c["lengths"].append(sample.num_samples)
+
+    def finish(self) -> list[dict]:
+        self._close()
+        return self.shards
+
+
+def make_shards(entries: list[Entry], output: str | Path, options: ShardOptions | None = None,
+                source: str = "", progress: bool = True) -> dict:
+    """Write shards of ``entries`` into ``output``; returns the index (also saved as ``index.json``)."""
+    options = options or ShardOptions()
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    (output / INDEX).unlink(missing_ok=True)  # no index may describe a half-written set
+    for old in output.glob(f"{options.prefix}-*.tar"):
+        old.unlink()
+
+    cutter = _ShardCutter(output, options)
+    skips: list[Skip] = []
+    speakers: set[str] = set()
+    charset: Counter[str] = Counter()
+    bar = tqdm(total=len(entries), unit="file", disable=not progress, desc="shards")
+    seconds = 0.0
+    for result in _converted(entries, options):
+        if isinstance(result, Skip):
+            skips.append(result)
+        else:
+            cutter.add(result)
+            seconds += result.num_samples / options.sample_rate
+            if result.speaker is not None:
+                speakers.add(result.speaker)
+            charset.update(result.text or "")
+        bar.update(1)
+        bar.set_postfix(hours=f"{seconds / 3600:.2f}", skipped=len(skips), refresh=False)
+    bar.close()
+    shards = cutter.finish()
+
+    _write_report(output / REPORT, skips)
+    params = asdict(options)
+    params.pop("workers")  # does not change the output
+    index = {
+        "format": FORMAT,
+        "version": 1,
+        "sample_rate": options.sample_rate,
+        "source": source,
+        "parameters": params,
+        "totals": {
+            "shards": len(shards),
+            "num_samples": sum(s["num_samples"] for s in shards),
+            "seconds": round(sum(sum(s["lengths"]) for s in shards) / options.sample_rate, 3),
+            "hours": round(sum(sum(s["lengths"]) for s in shards) / options.sample_rate / 3600, 4),
+            "speakers": len(speakers),
+            "inputs": len(entries),
+            "skipped": len(skips),
+        },
+        "skipped": dict(sorted(Counter(s.reason for s in skips).items())),
+        "charset": "".join(sorted(charset)),
+        "shards": shards,
+    }
+    tmp = output / f".{INDEX}.tmp"
+    tmp.write_text(json.dumps(index, indent=1, ensure_ascii=False) + "\n")
+    os.replace(tmp, output / INDEX)
+    return index
+
+
+def _write_report(path: Path, skips: Iterable[Skip]) -> None:
+    with path.open("w") as f:
+        f.write("id\tpath\treason\tdetail\n")
+        for s in skips:
+            fields = (s.id, s.path, s.reason, s.detail)
+            f.write("\t".join(x.replace("\t", " ").replace("\n", " ") for x in fields) + "\n")
+
+
+def load_index(directory: str | Path) -> dict:
+    """The ``index.json`` of a shard directory, with a clear error when it is missing or foreign."""
+    path = Path(directory) / INDEX
+    if not path.is_file():
+        raise FileNotFoundError(f"{directory}: no {INDEX} (not a shard directory, or its build did not finish)")
+    index = json.loads(path.read_text())
+    if index.get("format") != FORMAT:
+        raise ValueError(f"{path}: not a speechssl shard index")
+    return index

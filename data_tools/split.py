@@ -1,0 +1,59 @@
+"""``split``: a deterministic dev set from a manifest, holding out whole speakers or a fraction."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+
+from data_tools.sources import SPEAKER_COLUMNS
+
+
+def _rows(manifest: Path) -> tuple[list[str], list[dict], str | None]:
+    """Raw lines (kept verbatim), parsed rows, and the header line for TSV."""
+    lines = manifest.read_text().splitlines()
+    if manifest.suffix in (".jsonl", ".json"):
+        kept = [line for line in lines if line.strip()]
+        return kept, [json.loads(line) for line in kept], None
+    header, body = lines[0], [line for line in lines[1:] if line.strip()]
+    names = header.split("\t")
+    return body, [dict(zip(names, next(csv.reader([b], delimiter="\t", quoting=csv.QUOTE_NONE)), strict=False))
+                  for b in body], header
+
+
+def split_manifest(manifest: str | Path, output: str | Path, dev_speakers: int = 0, dev_fraction: float = 0.0,
+                   seed: int = 0) -> dict:
+    """Write ``train`` and ``dev`` manifests (same format) into ``output``.
+
+    ``dev_speakers`` holds out that many speakers (seeded choice); otherwise ``dev_fraction`` of
+    the speakers, or of the utterances when the manifest has no speaker column.
+    """
+    manifest, output = Path(manifest), Path(output)
+    if (dev_speakers > 0) == (dev_fraction > 0):
+        raise ValueError("give exactly one of dev_speakers > 0 or 0 < dev_fraction < 1")
+    lines, rows, header = _rows(manifest)
+    column = next((c for c in SPEAKER_COLUMNS if rows and c in rows[0]), None)
+    if column is not None:
+        speakers = sorted({str(r[column]) for r in rows})
+        count = dev_speakers or max(1, round(dev_fraction * len(speakers)))
+        if count >= len(speakers):
+            raise ValueError(f"cannot hold out {count} of {len(speakers)} speakers")
+        rng = np.random.default_rng(seed)
+        held = {speakers[i] for i in rng.choice(len(speakers), size=count, replace=False)}
+        is_dev = [str(r[column]) in held for r in rows]
+    else:
+        if dev_speakers:
+            raise ValueError(f"{manifest} has no speaker column (one of {', '.join(SPEAKER_COLUMNS)})")
+        is_dev = [int(hashlib.sha256(f"{seed}:{line}".encode()).hexdigest(), 16) % 10**6 < dev_fraction * 10**6
+                  for line in lines]
+        held = set()
+    output.mkdir(parents=True, exist_ok=True)
+    suffix = manifest.suffix
+    for name, flag in (("train", False), ("dev", True)):
+        chosen = [line for line, d in zip(lines, is_dev, strict=True) if d == flag]
+        text = "\n".join(([header] if header is not None else []) + chosen) + "\n"
+        (output / f"{name}{suffix}").write_text(text)
+    return {"train": is_dev.count(False), "dev": is_dev.count(True), "dev_speakers": sorted(held)}

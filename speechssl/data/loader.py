@@ -1,0 +1,272 @@
+"""A resumable streaming loader of padded audio batches from WebDataset shards.
+
+    loader = make_loader(DataConfig(shards=["data/train"]), train=True)
+    for waveforms, lengths, metadata in loader:      # (B, S) float32, (B,) int64, dict
+        ...
+    state = loader.state_dict()                      # save with the checkpoint
+    loader.load_state_dict(state)                    # resumes with exactly the next batch
+
+Batches are planned from the shard index (see :mod:`speechssl.data.plan`): every rank yields the
+same number of batches per epoch, evaluation yields every sample exactly once over all ranks and
+workers, and the same seed gives the same batches. Tar files are read with webdataset and audio is
+decoded with soundfile; a corrupt sample is skipped, counted and reported in the batch metadata.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import NamedTuple, Optional
+
+import numpy as np
+import soundfile as sf
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from speechssl.config import check
+from speechssl.data.plan import EpochPlan, Item, plan_epoch, round_robin
+from speechssl.data.shardset import ShardSet
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DataConfig:
+    """shards: shard directories or brace patterns; weights: mixing weight per source.
+    max_tokens: padded samples per batch (B x S), fairseq ``max_tokens``. max_sample_size: longer
+    utterances are randomly cropped to it in training (fairseq ``max_sample_size``).
+    min_sample_size: shorter ones are dropped in training (fairseq ``min_sample_size``).
+    crop_to_shortest: crop every utterance of a batch to the shortest one (fairseq's pretraining
+    collater: no padding). normalize: zero mean, unit variance per utterance (fairseq ``normalize``).
+    shuffle_buffer: samples per shuffling and length-bucketing window. max_batch_size: 0 = no cap.
+    num_workers: DataLoader worker processes. seed: shuffling, cropping."""
+
+    shards: list[str] = field(default_factory=list)
+    weights: Optional[list[float]] = None  # noqa: UP045  (OmegaConf needs typing.Optional)
+    max_tokens: int = 1_400_000
+    max_sample_size: int = 250_000
+    min_sample_size: int = 32_000
+    crop_to_shortest: bool = True
+    normalize: bool = False
+    shuffle_buffer: int = 1000
+    max_batch_size: int = 0
+    num_workers: int = 2
+    seed: int = 1
+
+    def __post_init__(self) -> None:
+        check(self.max_tokens > 0, "data.max_tokens", "must be > 0")
+        check(self.max_sample_size > 0, "data.max_sample_size", "must be > 0")
+        check(self.max_tokens >= self.max_sample_size, "data.max_tokens",
+              f"must be >= max_sample_size ({self.max_sample_size}) so one cropped utterance fits")
+        check(0 <= self.min_sample_size <= self.max_sample_size, "data.min_sample_size",
+              "must be in [0, max_sample_size]")
+        check(self.shuffle_buffer >= 1, "data.shuffle_buffer", "must be >= 1")
+        check(self.num_workers >= 0, "data.num_workers", "must be >= 0")
+        check(self.max_batch_size >= 0, "data.max_batch_size", "must be >= 0")
+
+
+class AudioBatch(NamedTuple):
+    """waveforms: ``(B, S)`` float32, zero-padded; lengths: ``(B,)`` int64; metadata: ``samples``
+    (each sample's json plus ``__key__`` and ``__shard__``) and ``skipped`` (``[key, reason]`` of
+    samples of this batch that could not be decoded). B may be 0 when every sample was corrupt."""
+
+    waveforms: torch.Tensor
+    lengths: torch.Tensor
+    metadata: dict
+
+
+def _distributed() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+class ShardStream(IterableDataset):
+    """The per-worker side: reads its slot's shards and yields the planned batches."""
+
+    def __init__(self, shardset: ShardSet, config: DataConfig, train: bool, rank: int, world_size: int):
+        self.shardset, self.config, self.train = shardset, config, train
+        self.rank, self.world_size = rank, world_size
+        self.epoch = 0
+        self.skip = 0  # global batches of this epoch already consumed (resume)
+
+    @property
+    def workers(self) -> int:
+        return max(1, self.config.num_workers)
+
+    def plan(self) -> EpochPlan:
+        c = self.config
+        return plan_epoch(self.shardset, self.epoch, seed=c.seed, train=self.train, world_size=self.world_size,
+                          workers=self.workers, max_tokens=c.max_tokens, max_sample_size=c.max_sample_size,
+                          min_sample_size=c.min_sample_size, shuffle_buffer=c.shuffle_buffer,
+                          crop_to_shortest=c.crop_to_shortest, max_batch_size=c.max_batch_size)
+
+    def __iter__(self) -> Iterator[AudioBatch]:
+        info = get_worker_info()
+        plan = self.plan()
+        first = self.rank * self.workers
+        quotas = plan.quotas[first: first + self.workers]
+        taken, next_worker = round_robin(quotas, self.skip)
+        # The DataLoader asks its workers in turn from worker 0; after a resume the cycle must go on
+        # where it stopped, so DataLoader worker j plays the slot next_worker + j.
+        worker = (next_worker + (info.id if info is not None else 0)) % self.workers
+        done = taken[worker]
+        slot = plan.slots[first + worker]
+        end = quotas[worker]
+        yield from self._read(plan, slot.shards, slot.batches[done:end], slot.window_ends[done:end])
+
+    def _read(self, plan: EpochPlan, shard_ids: list[int], batches: list[list[Item]],
+              window_ends: list[tuple[int, int]]) -> Iterator[AudioBatch]:
+        if not batches:
+            return
+        wanted = {(it.shard, it.position) for batch in batches for it in batch}
+        order = {sid: i for i, sid in enumerate(shard_ids)}
+        buffer: dict[tuple[int, int], tuple[bytes, bytes, str]] = {}
+        corrupt: dict[tuple[int, int], str] = {}
+        next_batch = 0
+
+        def ready(done: tuple[int, int]) -> Iterator[AudioBatch]:
+            nonlocal next_batch
+            while next_batch < len(batches) and (
+                    order[window_ends[next_batch][0]], window_ends[next_batch][1]) <= done:
+                yield self._collate(plan, batches[next_batch], buffer, corrupt)
+                next_batch += 1
+
+        for sid in shard_ids:
+            shard = plan.shards[sid]
+            if not any((sid, p) in wanted for p in range(len(shard.keys))):
+                continue
+            positions = {k: p for p, k in enumerate(shard.keys)}
+            for sample in self._tar_samples(shard.path):
+                pos = positions.get(sample["__key__"])
+                if pos is None or (sid, pos) not in wanted:
+                    continue
+                if "flac" not in sample or "json" not in sample:
+                    corrupt[(sid, pos)] = "incomplete sample (flac or json missing)"
+                else:
+                    buffer[(sid, pos)] = (sample["flac"], sample["json"], shard.path)
+                yield from ready((order[sid], pos))
+            for pos in range(len(shard.keys)):  # whatever the tar did not hold is missing
+                if (sid, pos) in wanted and (sid, pos) not in buffer and (sid, pos) not in corrupt:
+                    corrupt[(sid, pos)] = "missing from the shard"
+            yield from ready((order[sid], len(shard.keys)))
+        yield from ready((len(shard_ids), 0))
+
+    @staticmethod
+    def _tar_samples(path: str) -> Iterator[dict]:
+        """The samples of one tar file; a damaged tar is read as far as it goes (what it no longer
+        holds is reported as missing by the caller)."""
+
+        def handler(exn: Exception) -> bool:
+            log.warning("shard %s: %s", path, exn)
+            return True  # skip and go on
+
+        pipeline = wds.DataPipeline(wds.SimpleShardList([path]), wds.tarfile_to_samples(handler=handler))
+        yield from pipeline
+
+    def _collate(self, plan: EpochPlan, items: list[Item], buffer: dict, corrupt: dict) -> AudioBatch:
+        waves, metas, skipped = [], [], []
+        for it in items:
+            key = plan.shards[it.shard].keys[it.position]
+            entry = buffer.pop((it.shard, it.position), None)
+            if entry is None:
+                skipped.append([key, corrupt.pop((it.shard, it.position), "missing from the shard")])
+                continue
+            flac, meta, path = entry
+            try:
+                audio = self._decode(flac, it)
+            except (sf.LibsndfileError, RuntimeError, ValueError) as e:
+                log.warning("skipping corrupt sample %s in %s: %s", key, path, e)
+                skipped.append([key, f"undecodable: {e}"])
+                continue
+            waves.append(audio)
+            metas.append({**_json(meta), "__key__": key, "__shard__": path})
+        lengths = torch.tensor([len(w) for w in waves], dtype=torch.long)
+        batch = torch.zeros(len(waves), int(lengths.max()) if len(waves) else 0)
+        for i, w in enumerate(waves):
+            batch[i, : len(w)] = torch.from_numpy(w)
+        return AudioBatch(batch, lengths, {"samples": metas, "skipped": skipped})
+
+    def _decode(self, flac: bytes, item: Item) -> np.ndarray:
+        import io
+
+        audio, rate = sf.read(io.BytesIO(flac), dtype="float32", always_2d=True)
+        audio = audio.mean(axis=1)
+        if rate != self.shardset.sample_rate:
+            raise ValueError(f"sample rate {rate}, the index says {self.shardset.sample_rate}")
+        if not np.isfinite(audio).all():
+            raise ValueError("NaN or Inf samples")
+        if item.start + item.length > len(audio):
+            raise ValueError(f"{len(audio)} samples, the index says at least {item.start + item.length}")
+        audio = audio[item.start: item.start + item.length]
+        if self.config.normalize:
+            audio = (audio - audio.mean()) / np.sqrt(audio.var() + 1e-5)
+        return audio
+
+
+def _json(data: bytes) -> dict:
+    import json
+
+    return json.loads(data)
+
+
+class AudioLoader:
+    """One epoch per ``iter()``; tracks what was consumed so ``state_dict`` can resume exactly.
+
+    ``stats`` counts, for the current epoch, the batches yielded, the samples dropped as too short,
+    the batches dropped to keep the ranks even, and the corrupt samples skipped.
+    """
+
+    def __init__(self, stream: ShardStream):
+        self.stream = stream
+        self.epoch = 0
+        self.consumed = 0
+        self.stats: dict[str, int] = {}
+
+    def __len__(self) -> int:
+        """Batches this rank yields in the current epoch."""
+        plan = self.stream.plan()
+        first = self.stream.rank * self.stream.workers
+        return sum(plan.quotas[first: first + self.stream.workers])
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.epoch, self.consumed = epoch, 0
+
+    def __iter__(self) -> Iterator[AudioBatch]:
+        self.stream.epoch, self.stream.skip = self.epoch, self.consumed
+        plan = self.stream.plan()
+        self.stats = {"batches": self.consumed, "dropped_short": plan.dropped_short,
+                      "dropped_for_balance": plan.dropped_for_balance, "corrupt": 0}
+        workers = self.stream.config.num_workers
+        loader = DataLoader(self.stream, batch_size=None, num_workers=workers,
+                            prefetch_factor=2 if workers else None, persistent_workers=False)
+        for batch in loader:
+            self.consumed += 1
+            self.stats["batches"] += 1
+            self.stats["corrupt"] += len(batch.metadata["skipped"])
+            yield batch
+        self.epoch, self.consumed = self.epoch + 1, 0
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "consumed": self.consumed, "seed": self.stream.config.seed,
+                "fingerprint": self.stream.shardset.fingerprint()}
+
+    def load_state_dict(self, state: dict) -> None:
+        same = (state.get("fingerprint") == self.stream.shardset.fingerprint()
+                and state.get("seed") == self.stream.config.seed)
+        if not same:
+            raise ValueError("the saved loader state belongs to another shard set or seed")
+        self.epoch, self.consumed = int(state["epoch"]), int(state["consumed"])
+
+
+def make_loader(config: DataConfig, train: bool, rank: int | None = None,
+                world_size: int | None = None) -> AudioLoader:
+    """A loader for this process's rank (from torch.distributed unless given)."""
+    if rank is None or world_size is None:
+        rank, world_size = _distributed()
+    if not config.shards:
+        raise ValueError("data.shards: no shard directory or pattern given")
+    return AudioLoader(ShardStream(ShardSet(config.shards, config.weights), config, train, rank, world_size))

@@ -1,0 +1,196 @@
+"""The streaming loader on real shards: balance across ranks and workers, exactness, resume."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from data_tools.shards import ShardOptions, make_shards
+from data_tools.sources import Entry
+from speechssl.data import DataConfig, make_loader
+from speechssl.data.loader import AudioLoader
+
+RATE = 16000
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """60 utterances of 0.3-2.5 s over 7 shards of unequal size (written as real WAV files first)."""
+    root = tmp_path_factory.mktemp("corpus")
+    rng = np.random.default_rng(0)
+    entries = []
+    for i in range(60):
+        seconds = float(rng.uniform(0.3, 2.5))
+        path = root / "wav" / f"u{i:03d}.wav"
+        path.parent.mkdir(exist_ok=True)
+        # Sample value i/1000 at the start identifies the utterance after decoding.
+        audio = 0.05 * rng.standard_normal(int(seconds * RATE))
+        audio[:4] = i / 1000
+        sf.write(path, audio, RATE, subtype="PCM_16")
+        entries.append(Entry(id=f"u{i:03d}", path=str(path), speaker=f"s{i % 5}", text="HI"))
+    make_shards(entries, root / "shards", ShardOptions(max_count=9, workers=1), progress=False)
+    return root / "shards"
+
+
+def _config(corpus: Path, **kw) -> DataConfig:
+    base = dict(shards=[str(corpus)], max_tokens=80_000, max_sample_size=24_000, min_sample_size=8_000,
+                shuffle_buffer=16, num_workers=2, seed=3)
+    base.update(kw)
+    return DataConfig(**base)
+
+
+def _keys(batch) -> list[str]:
+    return [m["__key__"] for m in batch.metadata["samples"]]
+
+
+def test_batches_are_padded_audio_with_metadata(corpus: Path) -> None:
+    loader = make_loader(_config(corpus, crop_to_shortest=False), train=True)
+    batches = list(loader)
+    assert batches and len(batches) == len(loader)
+    for waves, lengths, meta in batches:
+        assert waves.dtype == torch.float32 and lengths.dtype == torch.long
+        assert waves.shape == (len(lengths), int(lengths.max())) and len(meta["samples"]) == len(lengths)
+        assert (waves.shape[0] * waves.shape[1]) <= 80_000  # max_tokens
+        assert int(lengths.max()) <= 24_000 and int(lengths.min()) >= 8_000 * 0 + 1
+        for row, n in zip(waves, lengths, strict=True):
+            assert row[n:].abs().sum() == 0  # zero padding
+    assert loader.stats["dropped_short"] > 0  # 0.3-0.5 s utterances are below min_sample_size
+
+
+def test_crop_to_shortest_has_no_padding(corpus: Path) -> None:
+    for waves, lengths, _ in make_loader(_config(corpus), train=True):
+        assert (lengths == lengths[0]).all() and waves.shape[0] * waves.shape[1] <= 80_000
+
+
+def test_two_ranks_two_workers_equal_counts_disjoint_samples(corpus: Path) -> None:
+    cfg = _config(corpus)
+    per_rank = [[_keys(b) for b in make_loader(cfg, train=True, rank=r, world_size=2)] for r in range(2)]
+    assert len(per_rank[0]) == len(per_rank[1]) > 0
+    flat = [[k for batch in rank for k in batch] for rank in per_rank]
+    assert not set(flat[0]) & set(flat[1])
+    assert all(len(f) == len(set(f)) for f in flat)  # no sample twice in an epoch
+
+
+def test_evaluation_yields_every_sample_exactly_once(corpus: Path) -> None:
+    cfg = _config(corpus, max_sample_size=80_000)
+    seen = []
+    for rank in range(2):
+        for waves, lengths, meta in make_loader(cfg, train=False, rank=rank, world_size=2):
+            seen += _keys(type("B", (), {"metadata": meta})())
+            for row, n, m in zip(waves, lengths, meta["samples"], strict=True):
+                assert int(n) == m["num_samples"]  # no crop in evaluation
+                assert round(float(row[0]) * 1000) == int(m["__key__"][1:])
+    assert sorted(seen) == [f"u{i:03d}" for i in range(60)]
+
+
+def test_same_seed_same_batches_other_seed_other_batches(corpus: Path) -> None:
+    a = [_keys(b) for b in make_loader(_config(corpus), train=True)]
+    b = [_keys(b) for b in make_loader(_config(corpus), train=True)]
+    c = [_keys(b) for b in make_loader(_config(corpus, seed=4), train=True)]
+    assert a == b and a != c
+
+
+def test_epochs_differ(corpus: Path) -> None:
+    loader = make_loader(_config(corpus), train=True)
+    first = [_keys(b) for b in loader]
+    second = [_keys(b) for b in loader]
+    assert loader.epoch == 2 and first != second
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_gives_the_batches_an_uninterrupted_run_gives(corpus: Path, workers: int) -> None:
+    cfg = _config(corpus, num_workers=workers)
+    reference = make_loader(cfg, train=True, rank=1, world_size=2)
+    expected = [(_keys(b), b.waveforms) for _ in range(2) for b in reference]  # two epochs
+    assert len(expected) > 6
+    for stop in (3, len(expected) // 2 + 1):
+        loader = make_loader(cfg, train=True, rank=1, world_size=2)
+        got = []
+        for _ in range(2):
+            for b in loader:
+                got.append((_keys(b), b.waveforms))
+                if len(got) == stop:
+                    break
+            if len(got) == stop:
+                break
+        state = json.loads(json.dumps(loader.state_dict()))  # as saved in a checkpoint
+        restored = make_loader(cfg, train=True, rank=1, world_size=2)
+        restored.load_state_dict(state)
+        while len(got) < len(expected):
+            got += [(_keys(b), b.waveforms) for b in restored]
+        assert [k for k, _ in got] == [k for k, _ in expected]
+        assert all(torch.equal(g, e) for (_, g), (_, e) in zip(got, expected, strict=True))  # same crops
+
+
+def test_state_of_another_shard_set_is_refused(corpus: Path, tmp_path: Path) -> None:
+    loader = make_loader(_config(corpus), train=True)
+    state = loader.state_dict()
+    other = make_loader(_config(corpus, seed=9), train=True)
+    with pytest.raises(ValueError, match="another shard set or seed"):
+        other.load_state_dict(state)
+
+
+def test_mixing_weights_and_brace_patterns(corpus: Path) -> None:
+    index = json.loads((corpus / "index.json").read_text())
+    total = index["totals"]["num_samples"]
+    cfg = _config(corpus, min_sample_size=0, num_workers=0)
+    twice = make_loader(dataclasses.replace(cfg, shards=[str(corpus), str(corpus)], weights=[1.0, 1.0]), train=True)
+    once = make_loader(cfg, train=True)
+    assert sum(len(_keys(b)) for b in once) == total
+    assert sum(len(_keys(b)) for b in twice) == 2 * total
+    pattern = str(corpus / "shard-{000000..000002}.tar")
+    part = make_loader(dataclasses.replace(cfg, shards=[pattern]), train=False)
+    assert sum(len(_keys(b)) for b in part) == sum(s["num_samples"] for s in index["shards"][:3])
+    half = make_loader(dataclasses.replace(cfg, weights=[0.5]), train=False)
+    assert 0 < sum(len(_keys(b)) for b in half) < total
+
+
+def test_missing_or_foreign_directories_are_clear_errors(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        make_loader(DataConfig(shards=[str(tmp_path / "nope")]), train=True)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"no index\.json"):
+        make_loader(DataConfig(shards=[str(tmp_path / "empty")]), train=True)
+
+
+def _corrupt_copy(corpus: Path, target: Path) -> str:
+    """A copy of the shards where one sample's FLAC bytes are garbage; returns its key."""
+    target.mkdir()
+    for path in corpus.iterdir():
+        target.joinpath(path.name).write_bytes(path.read_bytes())
+    shard = target / "shard-000001.tar"
+    with tarfile.open(shard) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    victim = members[0][0].name.split(".")[0]
+    with tarfile.open(shard, "w") as tar:
+        for member, data in members:
+            if member.name == f"{victim}.flac":
+                data = b"fLaC" + b"\x00garbage" * 50
+                member.size = len(data)
+            tar.addfile(member, io.BytesIO(data))
+    return victim
+
+
+def test_corrupt_sample_is_skipped_and_counted(corpus: Path, tmp_path: Path) -> None:
+    victim = _corrupt_copy(corpus, tmp_path / "bad")
+    loader = make_loader(_config(tmp_path / "bad", min_sample_size=0, max_sample_size=80_000), train=False)
+    keys, skipped = [], []
+    for batch in loader:
+        keys += _keys(batch)
+        skipped += batch.metadata["skipped"]
+    assert victim not in keys and len(keys) == 59
+    assert [k for k, _ in skipped] == [victim] and "undecodable" in skipped[0][1]
+    assert loader.stats["corrupt"] == 1
+
+
+def test_loader_len_matches_and_is_an_audio_loader(corpus: Path) -> None:
+    loader = make_loader(_config(corpus), train=True, rank=0, world_size=3)
+    assert isinstance(loader, AudioLoader) and len(loader) == len(list(loader))
