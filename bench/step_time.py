@@ -21,11 +21,17 @@ from data_tools.synthetic import SAMPLE_RATE, generate_utterance
 from speechssl import Wav2Vec2Model, load_model_config
 
 
-def make_batch(batch_size: int, seconds: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def make_batch(batch_size: int, seconds: float, device: torch.device,
+               padded: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Waveforms on the GPU; lengths stay on the CPU, as a data loader delivers them. ``padded``:
+    rows shrink linearly to 60% of ``seconds``, zero-padded."""
     samples = int(seconds * SAMPLE_RATE)
     waves = np.stack([np.resize(generate_utterance(i, seconds)[0], samples) for i in range(batch_size)])
     lengths = torch.full((batch_size,), samples, dtype=torch.long)
-    return torch.from_numpy(waves).to(device), lengths.to(device)
+    if padded:
+        lengths = (samples * (1.0 - 0.4 * torch.arange(batch_size) / max(batch_size - 1, 1))).long()
+        waves[np.arange(samples)[None, :] >= lengths.numpy()[:, None]] = 0.0
+    return torch.from_numpy(waves).to(device), lengths
 
 
 def main() -> None:
@@ -36,6 +42,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
+    parser.add_argument("--padded", action="store_true", help="rows of different lengths")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench/step_time.py needs a CUDA GPU")
@@ -45,7 +52,7 @@ def main() -> None:
     model = Wav2Vec2Model(load_model_config(args.config)).to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=5e-4, betas=(0.9, 0.98), eps=1e-6,
                                   weight_decay=0.01, fused=True)
-    waves, lengths = make_batch(args.batch_size, args.seconds, device)
+    waves, lengths = make_batch(args.batch_size, args.seconds, device, args.padded)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.dtype == "bf16")
 
     def forward_backward() -> torch.Tensor:
@@ -82,7 +89,8 @@ def main() -> None:
         "batch": f"{args.batch_size} x {args.seconds}s",
         "dtype": args.dtype,
         "ms_per_step": round(ms, 1),
-        "audio_seconds_per_second": round(args.batch_size * args.seconds / (ms / 1000), 1),
+        "padded": args.padded,
+        "audio_seconds_per_second": round(lengths.sum().item() / SAMPLE_RATE / (ms / 1000), 1),
         "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
         "sync_free_forward_backward": bool(torch.isfinite(loss).item()),
         "gpu": torch.cuda.get_device_name(),

@@ -9,19 +9,27 @@ from pathlib import Path
 
 import numpy as np
 
-from data_tools.sources import SPEAKER_COLUMNS
+from data_tools.sources import PATH_COLUMNS, SPEAKER_COLUMNS
 
 
 def _rows(manifest: Path) -> tuple[list[str], list[dict], str | None]:
-    """Raw lines (kept verbatim), parsed rows, and the header line for TSV."""
-    lines = manifest.read_text().splitlines()
-    if manifest.suffix in (".jsonl", ".json"):
-        kept = [line for line in lines if line.strip()]
-        return kept, [json.loads(line) for line in kept], None
-    header, body = lines[0], [line for line in lines[1:] if line.strip()]
-    names = header.split("\t")
-    return body, [dict(zip(names, next(csv.reader([b], delimiter="\t", quoting=csv.QUOTE_NONE)), strict=False))
-                  for b in body], header
+    """Lines to write (relative audio paths made absolute, so the new manifests work from their own
+    folder), parsed rows, and the header line for TSV."""
+    lines = [line for line in manifest.read_text().splitlines() if line.strip()]
+    jsonl = manifest.suffix in (".jsonl", ".json")
+    header = None if jsonl else lines[0]
+    body = lines if jsonl else lines[1:]
+    names = None if jsonl else header.split("\t")
+    rows = [json.loads(b) if jsonl else dict(zip(names, next(csv.reader([b], delimiter="\t", quoting=csv.QUOTE_NONE)),
+                                                  strict=False)) for b in body]
+    out = []
+    for row in rows:
+        for column in PATH_COLUMNS:
+            if row.get(column) and not Path(str(row[column])).is_absolute():
+                row[column] = str((manifest.parent / str(row[column])).resolve())
+                break
+        out.append(json.dumps(row, ensure_ascii=False) if jsonl else "\t".join(str(row[n]) for n in names))
+    return out, rows, header
 
 
 def split_manifest(manifest: str | Path, output: str | Path, dev_speakers: int = 0, dev_fraction: float = 0.0,

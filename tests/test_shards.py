@@ -246,6 +246,7 @@ def test_split_holds_out_speakers_deterministically(tmp_path: Path) -> None:
     assert (tmp_path / "a" / "dev.tsv").read_text() == (tmp_path / "b" / "dev.tsv").read_text()
     train = read_source(tmp_path / "a" / "train.tsv")[0]
     dev = read_source(tmp_path / "a" / "dev.tsv")[0]
+    assert all(e.path == str((tmp_path / Path(e.path).name).resolve()) for e in train + dev)  # absolute now
     assert {e.speaker for e in dev} == set(first["dev_speakers"]) and not {e.speaker for e in train} & {
         e.speaker for e in dev}
     by_fraction = split_manifest(manifest, tmp_path / "c", dev_fraction=0.3)
