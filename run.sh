@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One entry point for the two README commands:
-#   ./run.sh demo   runs the main job (today: the tiny model overfitting one batch of generated audio)
+#   ./run.sh demo   runs the main job: synthetic corpus, tiny-model pretraining on the CPU, report
 #   ./run.sh test   runs ruff and the test suite
 # Each creates (or reuses) .venv and installs the pinned, tested stack from constraints.txt.
 set -euo pipefail
@@ -28,7 +28,7 @@ cmd=${1:-}
 shift || true
 case "$cmd" in
     demo)
-        exec python -m pretrain.overfit --config configs/pretrain/overfit_tiny.yaml "$@"
+        exec python -m pretrain.demo "$@"
         ;;
     test)
         ruff check .

@@ -232,8 +232,8 @@ class AudioLoader:
         return sum(plan.quotas[first: first + self.stream.workers])
 
     def set_epoch(self, epoch: int) -> None:
-        if epoch != self.epoch:
-            self.epoch, self.consumed = epoch, 0
+        """Start epoch ``epoch`` from its first batch."""
+        self.epoch, self.consumed = epoch, 0
 
     def __iter__(self) -> Iterator[AudioBatch]:
         self.stream.epoch, self.stream.skip = self.epoch, self.consumed
@@ -241,7 +241,10 @@ class AudioLoader:
         self.stats = {"batches": self.consumed, "dropped_short": plan.dropped_short,
                       "dropped_for_balance": plan.dropped_for_balance, "corrupt": 0}
         workers = self.stream.config.num_workers
-        loader = DataLoader(self.stream, batch_size=None, num_workers=workers,
+        # Its own generator: starting the workers must not draw from the global RNG, or a resumed
+        # run (which starts them at another point) would mask and drop out differently.
+        generator = torch.Generator().manual_seed(self.stream.config.seed * 1000 + self.epoch)
+        loader = DataLoader(self.stream, batch_size=None, num_workers=workers, generator=generator,
                             prefetch_factor=2 if workers else None, persistent_workers=False)
         for batch in loader:
             self.consumed += 1

@@ -56,6 +56,13 @@ class GumbelVectorQuantizer(nn.Module):
             nn.init.zeros_(last.bias)
         self.weight_proj = nn.Sequential(*layers, last)
 
+    def _logits(self, x: Tensor) -> Tensor:
+        """The code logits in fp32, also when the module's weights are fp16/bf16 (DeepSpeed's
+        half-precision modes convert the whole model)."""
+        for layer in self.weight_proj:
+            x = F.linear(x, layer.weight.float(), layer.bias.float()) if isinstance(layer, nn.Linear) else layer(x)
+        return x
+
     def set_num_updates(self, num_updates: int) -> None:
         """Called by the trainer: the temperature follows the update count."""
         self.num_updates = num_updates
@@ -69,7 +76,7 @@ class GumbelVectorQuantizer(nn.Module):
         the perplexities (the masked ones in pretraining); None counts all."""
         batch, length, _ = x.shape
         with torch.autocast(device_type=x.device.type, enabled=False):
-            logits = self.weight_proj(x.float()).view(batch * length, self.num_groups, self.num_vars)
+            logits = self._logits(x.float()).view(batch * length, self.num_groups, self.num_vars)
             w = (torch.ones(batch * length, device=x.device) if weights is None
                  else weights.reshape(-1).float())
             hard = F.one_hot(logits.argmax(-1), self.num_vars).float()

@@ -163,6 +163,12 @@ class Wav2Vec2Model(nn.Module):
             if module is not self and hasattr(module, "set_num_updates"):
                 module.set_num_updates(num_updates)
 
+    def compute_mask(self, frames: Tensor | None, shape: tuple[int, int], device: torch.device) -> Tensor:
+        """The span mask ``(B, T)`` for rows of ``frames (B,)`` valid frames (config.masking)."""
+        m = self.config.masking
+        return compute_span_mask(shape, m.mask_prob, m.mask_length, m.min_masks, frames, m.require_same_masks,
+                                 m.mask_dropout, m.no_overlap, m.min_space, device=device)
+
     def forward(self, waveforms: Tensor, lengths: Tensor | None = None, mask: Tensor | None = None,
                 negatives: Negatives | None = None, check_values: bool | None = None) -> PretrainOutput:
         """Pretraining step on ``waveforms (B, S)`` with valid ``lengths (B,)``.
@@ -176,10 +182,7 @@ class Wav2Vec2Model(nn.Module):
         feature_penalty = features.float().pow(2).mean()
         batch, length, _ = features.shape
         if mask is None:
-            m = cfg.masking
-            mask = compute_span_mask((batch, length), m.mask_prob, m.mask_length, m.min_masks, frames,
-                                     m.require_same_masks, m.mask_dropout, m.no_overlap, m.min_space,
-                                     device=features.device)
+            mask = self.compute_mask(frames, (batch, length), features.device)
         channel_mask = None
         if cfg.masking.channel_prob > 0:
             channel_mask = compute_channel_mask(batch, self.context.input_dim, cfg.masking.channel_prob,
@@ -197,7 +200,7 @@ class Wav2Vec2Model(nn.Module):
         targets_in = self.dropout_features(normalized).gather(
             1, order.unsqueeze(-1).expand(-1, -1, normalized.shape[-1]))
         q = self.quantizer(targets_in, valid)
-        targets = self.project_q(q.quantized)
+        targets = self.project_q(q.quantized.to(self.project_q.weight.dtype))
         predictions = self.final_proj(out.output.gather(1, order.unsqueeze(-1).expand(-1, -1, out.output.shape[-1])))
 
         if negatives is None:

@@ -1,0 +1,94 @@
+"""Pretraining.
+
+    python -m pretrain --config configs/pretrain/tiny.yaml [dotted.key=value ...]
+    deepspeed --num_gpus 8 --module pretrain --config configs/pretrain/base.yaml
+    torchrun --nproc_per_node 8 -m pretrain --config configs/pretrain/base.yaml
+    python -m pretrain report RUN_DIR            # metrics.jsonl -> RUN_DIR/report.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from speechssl.config import ConfigError, build
+
+
+def load_config(path: str, overrides: list[str]):
+    """The validated job config; every check that needs no model runs here (shards, DeepSpeed)."""
+    import torch
+
+    from pretrain.config import PretrainConfig
+    from speechssl.data.shardset import ShardSet
+    from speechssl.training.config import deepspeed_config
+
+    config = build(PretrainConfig, path, overrides)
+    if not config.data.shards:
+        raise ConfigError("data.shards: no training shards given")
+    for key, sources in (("data.shards", config.data.shards), ("valid_shards", config.valid_shards)):
+        try:
+            if sources:
+                ShardSet(sources, config.data.weights if key == "data.shards" else None)
+        except (FileNotFoundError, ValueError) as e:
+            raise ConfigError(f"{key}: {e}") from None
+    on_gpu = config.trainer.device == "cuda" or (config.trainer.device == "auto" and torch.cuda.is_available())
+    deepspeed_config(config.trainer, on_gpu)
+    return config
+
+
+def train(config) -> dict:
+    import dataclasses
+
+    from pretrain.task import PretrainTask
+    from speechssl.data.loader import make_loader
+    from speechssl.training.distributed import init_distributed, pick_device
+    from speechssl.training.trainer import Trainer, setup_logging
+
+    device = pick_device(config.trainer.device)
+    rank, world = init_distributed(device)
+    setup_logging(rank)
+    train_loader = make_loader(dataclasses.replace(config.data, seed=config.trainer.seed), train=True,
+                               rank=rank, world_size=world)
+    valid_loader = None
+    if config.valid_shards:
+        valid_loader = make_loader(dataclasses.replace(config.data, shards=config.valid_shards, weights=None),
+                                   train=False, rank=rank, world_size=world)
+    task = PretrainTask(config.model, config.trainer.max_updates, train_loader.stream.shardset.sample_rate)
+    return Trainer(task, config.trainer, train_loader, valid_loader).fit()
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "report":
+        from pretrain.report import render
+
+        parser = argparse.ArgumentParser(prog="python -m pretrain report")
+        parser.add_argument("run_dir")
+        parser.add_argument("--output", help="PNG path (default RUN_DIR/report.png)")
+        args = parser.parse_args(argv[1:])
+        try:
+            print(render(args.run_dir, args.output))
+        except FileNotFoundError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        return 0
+    parser = argparse.ArgumentParser(prog="python -m pretrain", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="YAML of a PretrainConfig (configs/pretrain/*.yaml)")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("overrides", nargs="*", help="dotted.key=value, e.g. trainer.max_updates=100")
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    result = train(config)
+    if result["world_size"] and __import__("torch").distributed.get_rank() == 0:
+        print(json.dumps({k: result[k] for k in ("output_dir", "checkpoint", "model", "update", "skipped_updates")}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,76 @@
+"""The pretraining objective as a trainer task."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from speechssl.config import ModelConfig
+from speechssl.data.loader import AudioBatch
+from speechssl.models.wav2vec2 import Wav2Vec2Model
+from speechssl.training.health import HealthMonitor
+from speechssl.training.trainer import StepOutput
+
+
+class PretrainTask:
+    """Masks are drawn in ``prepare``, before any forward, so the trainer knows every micro-batch's
+    number of masked frames (the loss normaliser) up front."""
+
+    stat_keys = ("contrastive", "diversity", "feature_penalty", "correct", "prob_perplexity", "code_perplexity",
+                 "temperature")
+
+    def __init__(self, model_config: ModelConfig, max_updates: int, sample_rate: int = 16000):
+        self.model_config = model_config
+        self.sample_rate = sample_rate
+        self.health = HealthMonitor(model_config.quantizer.num_groups, max_updates)
+
+    def build_model(self) -> nn.Module:
+        return Wav2Vec2Model(self.model_config)
+
+    def prepare(self, model: Wav2Vec2Model, batch: AudioBatch, device: torch.device,
+                dtype: torch.dtype) -> dict[str, Any]:
+        lengths = batch.lengths
+        frames = model.feature_extractor.output_lengths(lengths)
+        waveforms = batch.waveforms.to(device=device, dtype=dtype, non_blocking=True)
+        mask = model.compute_mask(frames.to(device), (len(lengths), int(frames.max())), device)
+        return {"waveforms": waveforms, "lengths": lengths, "mask": mask, "sample_size": mask.sum(),
+                "audio_seconds": float(lengths.sum()) / self.sample_rate}
+
+    def forward(self, engine: nn.Module, p: dict[str, Any]) -> StepOutput:
+        out = engine(p["waveforms"], p["lengths"], mask=p["mask"])
+        n = out.sample_size.float()
+        return StepOutput(out.loss, out.sample_size, {
+            "contrastive": out.contrastive_loss,
+            "diversity": out.diversity_loss * n,
+            "feature_penalty": out.feature_penalty * n,
+            "correct": out.correct,
+            "prob_perplexity": out.prob_perplexity * n,
+            "code_perplexity": out.code_perplexity * n,
+            "temperature": n * out.temperature,
+        })
+
+    def metrics(self, sums: dict[str, float]) -> dict[str, float]:
+        n = max(sums["sample_size"], 1.0)
+        return {
+            "loss": sums["loss"] / n,
+            "contrastive": sums["contrastive"] / n,
+            "diversity": sums["diversity"] / n,
+            "feature_penalty": sums["feature_penalty"] / n,
+            "accuracy": sums["correct"] / n,
+            "prob_perplexity": sums["prob_perplexity"] / n,
+            "code_perplexity": sums["code_perplexity"] / n,
+            "temperature": sums["temperature"] / n,
+            "masked_frames": sums["sample_size"],
+        }
+
+    def check_health(self, update: int, metrics: dict[str, float]) -> None:
+        self.health.check(update, metrics)
+
+    def export(self, model: nn.Module, path: Path) -> None:
+        """A standalone fp32 model file for :func:`speechssl.load_model`."""
+        clean = Wav2Vec2Model(self.model_config)
+        clean.load_state_dict({k: v.float() for k, v in model.state_dict().items()})
+        clean.save(path)

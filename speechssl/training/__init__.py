@@ -1,0 +1,1 @@
+"""The DeepSpeed trainer shared by pretraining and fine-tuning."""

@@ -1,0 +1,124 @@
+"""Trainer settings and the DeepSpeed config they run with, checked against each other."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from speechssl.config import REPO_CONFIG_DIR, ConfigError, check
+
+
+@dataclass
+class TrainerConfig:
+    """output_dir: the run folder (checkpoints/, metrics.jsonl, tensorboard/, model.pt, report.png).
+    deepspeed: DeepSpeed JSON (ZeRO stage, precision, gradient clipping); the optimizer and LR
+    schedule come from this section, never from the JSON.
+    max_updates / update_freq: optimizer updates, and micro-batches accumulated per update
+    (fairseq ``max_update`` / ``update_freq``).
+    lr, warmup_updates, lr_schedule (``polynomial``: linear warmup then linear decay to end_lr, fairseq
+    ``polynomial_decay``; ``constant``: warmup then flat; ``tri_stage``: fairseq's, with
+    tri_stage_ratios and init/final scales), AdamW adam_betas / adam_eps / weight_decay.
+    validate_every / checkpoint_every / log_every: in updates (0 = never; a checkpoint is always
+    written at the end). keep_checkpoints: the last k are kept. resume: ``auto`` (latest in
+    output_dir/checkpoints, if any), ``none``, or a checkpoint folder. device: ``auto`` (the local
+    GPU if there is one), ``cpu`` or ``cuda``. threads: CPU threads per process (0: torch's choice).
+    stop_at: end this run (with a checkpoint) at that update without changing the schedule, e.g.
+    to fit a time limit; ``resume: auto`` goes on from there (0: run to max_updates).
+    record_samples: every rank appends the keys of the utterances of each update to
+    ``samples.rank{r}.jsonl`` (to audit data order and sharding).
+    """
+
+    output_dir: str = "runs/pretrain"
+    deepspeed: str = "configs/deepspeed/zero1_bf16.json"
+    max_updates: int = 400_000
+    update_freq: int = 1
+    lr: float = 5e-4
+    warmup_updates: int = 32_000
+    lr_schedule: str = "polynomial"
+    end_lr: float = 0.0
+    tri_stage_ratios: list[float] = field(default_factory=lambda: [0.1, 0.4, 0.5])
+    init_lr_scale: float = 0.01
+    final_lr_scale: float = 0.05
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    adam_eps: float = 1e-6
+    weight_decay: float = 0.01
+    validate_every: int = 10_000
+    max_valid_batches: int = 0
+    checkpoint_every: int = 25_000
+    keep_checkpoints: int = 3
+    log_every: int = 200
+    resume: str = "auto"
+    seed: int = 1
+    device: str = "auto"
+    threads: int = 0
+    stop_at: int = 0
+    record_samples: bool = False
+
+    def __post_init__(self) -> None:
+        check(self.max_updates >= 1, "trainer.max_updates", "must be >= 1")
+        check(self.update_freq >= 1, "trainer.update_freq", "must be >= 1")
+        check(self.lr > 0, "trainer.lr", "must be > 0")
+        check(self.warmup_updates >= 0, "trainer.warmup_updates", "must be >= 0")
+        check(self.lr_schedule in ("polynomial", "constant", "tri_stage"), "trainer.lr_schedule",
+              f"must be polynomial, constant or tri_stage, got {self.lr_schedule!r}")
+        check(len(self.tri_stage_ratios) == 3 and abs(sum(self.tri_stage_ratios) - 1) < 1e-6,
+              "trainer.tri_stage_ratios", "three fractions (warmup, hold, decay) adding up to 1")
+        check(len(self.adam_betas) == 2 and all(0 <= b < 1 for b in self.adam_betas), "trainer.adam_betas",
+              "two values in [0, 1)")
+        for name in ("validate_every", "checkpoint_every", "log_every", "max_valid_batches"):
+            check(getattr(self, name) >= 0, f"trainer.{name}", "must be >= 0")
+        check(self.keep_checkpoints >= 1, "trainer.keep_checkpoints", "must be >= 1")
+        check(self.device in ("auto", "cpu", "cuda"), "trainer.device", "must be auto, cpu or cuda")
+        check(self.stop_at >= 0, "trainer.stop_at", "must be >= 0")
+
+
+def _find(path: str) -> Path:
+    for candidate in (Path(path), REPO_CONFIG_DIR.parent / path):
+        if candidate.is_file():
+            return candidate
+    raise ConfigError(f"trainer.deepspeed: {path} not found")
+
+
+def deepspeed_config(trainer: TrainerConfig, on_gpu: bool) -> dict:
+    """Read the DeepSpeed JSON and fill in what the job owns, refusing contradictions.
+
+    The job owns the optimizer and scheduler (client objects, so both are checkpointed), the
+    accumulation (``gradient_accumulation_steps`` = ``trainer.update_freq``) and the batch size
+    (batches are variable: DeepSpeed counts one "sample" per micro-batch).
+    """
+    path = _find(trainer.deepspeed)
+    try:
+        ds = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"trainer.deepspeed: {path} is not valid JSON: {e}") from None
+    where = f"trainer.deepspeed ({path})"
+    for key in ("optimizer", "scheduler"):
+        check(key not in ds, where, f"has an {key!r} section; the optimizer and LR schedule are set in "
+                                    "the trainer section of the job config")
+    gas = ds.get("gradient_accumulation_steps", trainer.update_freq)
+    check(gas == trainer.update_freq, where,
+          f"gradient_accumulation_steps={gas} contradicts trainer.update_freq={trainer.update_freq}")
+    for key in ("train_batch_size", "train_micro_batch_size_per_gpu"):
+        check(key not in ds, where, f"sets {key}; batches are sized by data.max_tokens, not by DeepSpeed")
+    check("gradient_clipping" in ds, where, "must set gradient_clipping explicitly (0 disables it)")
+    fp16 = ds.get("fp16", {}).get("enabled", False)
+    bf16 = ds.get("bf16", {}).get("enabled", False)
+    check(not (fp16 and bf16), where, "enables both fp16 and bf16")
+    check(on_gpu or not fp16, where, "enables fp16, which needs a GPU; use a *_fp32.json config on the CPU")
+    stage = ds.get("zero_optimization", {}).get("stage", 0)
+    check(stage in (0, 1, 2), where, f"ZeRO stage {stage} is not supported (0, 1 or 2)")
+    ds = dict(ds)
+    ds["gradient_accumulation_steps"] = trainer.update_freq
+    ds["train_micro_batch_size_per_gpu"] = 1
+    ds.setdefault("steps_per_print", 10**9)  # the trainer logs
+    ds.setdefault("wall_clock_breakdown", False)
+    return ds
+
+
+def precision(ds: dict) -> str:
+    if ds.get("fp16", {}).get("enabled", False):
+        return "fp16"
+    if ds.get("bf16", {}).get("enabled", False):
+        return "bf16"
+    return "fp32"

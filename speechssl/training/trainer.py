@@ -1,0 +1,302 @@
+"""The DeepSpeed trainer shared by pretraining and fine-tuning.
+
+A *task* says what a batch means (the pretraining objective, CTC, ...); the trainer does the rest:
+``deepspeed.initialize`` with the client AdamW and LR schedule, gradient accumulation over a
+variable number of micro-batches with fairseq's normalisation (the summed loss divided by the
+number of target frames over all micro-batches and ranks), the update-count hook
+(``set_num_updates``), validation, skipped updates on non-finite gradients, checkpoints and exact
+resume, logs (progress bar, TensorBoard, ``metrics.jsonl``) and the final export.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from speechssl.data.loader import AudioBatch, AudioLoader
+from speechssl.training import checkpoint
+from speechssl.training.config import TrainerConfig, deepspeed_config, precision
+from speechssl.training.distributed import all_reduce_sum, barrier, init_distributed, pick_device
+from speechssl.training.schedule import lr_lambda
+
+log = logging.getLogger("speechssl.train")
+
+
+@dataclass
+class StepOutput:
+    """loss: summed over the batch's targets (a tensor, no host sync); sample_size: number of
+    targets; stats: more sums (device scalars) the task turns into metrics."""
+
+    loss: Tensor
+    sample_size: Tensor
+    stats: dict[str, Tensor] = field(default_factory=dict)
+
+
+class Task(Protocol):
+    """What the trainer needs from a job."""
+
+    def build_model(self) -> nn.Module: ...
+
+    def prepare(self, model: nn.Module, batch: AudioBatch, device: torch.device,
+                dtype: torch.dtype) -> dict[str, Any]:
+        """Move a batch to the device and fix what must be known before the forward; returns a
+        dict with at least ``sample_size`` (device scalar) and ``audio_seconds`` (float)."""
+        ...
+
+    def forward(self, engine: nn.Module, prepared: dict[str, Any]) -> StepOutput: ...
+
+    stat_keys: tuple[str, ...]  # the names of StepOutput.stats
+
+    def metrics(self, sums: dict[str, float]) -> dict[str, float]:
+        """Turn summed stats (over micro-batches, updates and ranks) into logged metrics."""
+        ...
+
+    def check_health(self, update: int, metrics: dict[str, float]) -> None: ...
+
+    def export(self, model: nn.Module, path: Path) -> None: ...
+
+
+def _zero_loss(model: nn.Module) -> Tensor:
+    """A loss whose gradients are all zero but that reaches every parameter, so an empty batch still
+    takes part in the gradient reduction of every rank."""
+    return sum((p * 0.0).sum() for p in model.parameters() if p.requires_grad)
+
+
+class Trainer:
+    def __init__(self, task: Task, config: TrainerConfig, train_loader: AudioLoader,
+                 valid_loader: AudioLoader | None = None, rank: int | None = None):
+        self.task, self.cfg = task, config
+        self.train_loader, self.valid_loader = train_loader, valid_loader
+        self.device = pick_device(config.device)
+        self.rank, self.world_size = init_distributed(self.device)
+        self.output = Path(config.output_dir)
+        self.ckpt_root = self.output / "checkpoints"
+        self.ds_config = deepspeed_config(config, on_gpu=self.device.type == "cuda")
+        self.precision = precision(self.ds_config)
+        self.dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[self.precision]
+        self.stage = self.ds_config.get("zero_optimization", {}).get("stage", 0)
+        self.update = 0
+        self.skipped = 0
+        self.writer = None
+
+    # ------------------------------------------------------------------ set-up
+
+    def _build_engine(self) -> None:
+        import deepspeed
+
+        if self.cfg.threads:
+            torch.set_num_threads(self.cfg.threads)
+        torch.manual_seed(self.cfg.seed)
+        model = self.task.build_model()
+        decay, no_decay = [], []
+        for name, p in model.named_parameters():  # no weight decay on biases, norms, embeddings
+            (no_decay if p.ndim < 2 or name.endswith(".bias") else decay).append(p)
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": self.cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=self.cfg.lr, betas=tuple(self.cfg.adam_betas), eps=self.cfg.adam_eps)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(self.cfg))
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config,
+            dist_init_required=False)
+
+    def _resume(self) -> None:
+        choice = self.cfg.resume
+        if choice == "none":
+            return
+        folder = checkpoint.latest(self.ckpt_root) if choice == "auto" else Path(choice)
+        if folder is None:
+            return
+        self.update, state = checkpoint.load(self.engine, folder, self.rank)
+        if state is None:
+            log.warning("%s has no state for rank %d (another world size?): data order and RNG restart",
+                        folder, self.rank)
+        else:
+            self.train_loader.load_state_dict(state["loader"])
+            checkpoint.set_rng_state(state["rng"])
+            self.skipped = state.get("skipped", 0)
+        self._truncate_metrics()
+        if self.rank == 0:
+            log.info("resumed from %s at update %d", folder, self.update)
+
+    def _truncate_metrics(self) -> None:
+        """Drop log lines a crashed run wrote after the checkpoint we resume from."""
+        path = self.output / "metrics.jsonl"
+        if self.rank == 0 and path.is_file():
+            lines = [line for line in path.read_text().splitlines()
+                     if line.strip() and json.loads(line)["update"] <= self.update]
+            path.write_text("".join(line + "\n" for line in lines))
+
+    # ------------------------------------------------------------------ the loop
+
+    def _micro_batches(self):
+        """Groups of ``update_freq`` micro-batches, endlessly over epochs (all ranks agree on the
+        grouping: every rank yields the same number of batches per epoch)."""
+        while True:
+            group: list[AudioBatch] = []
+            for batch in self.train_loader:
+                group.append(batch)
+                if len(group) == self.cfg.update_freq:
+                    yield group
+                    group = []
+            if group:
+                yield group
+
+    def _record(self, group: list[AudioBatch]) -> None:
+        keys = [m["__key__"] for batch in group for m in batch.metadata["samples"]]
+        with (self.output / f"samples.rank{self.rank}.jsonl").open("a") as f:
+            f.write(json.dumps({"update": self.update + 1, "keys": keys}) + "\n")
+
+    def _train_update(self, group: list[AudioBatch], sums: dict[str, Tensor]) -> None:
+        if self.cfg.record_samples:
+            self._record(group)
+        engine, model = self.engine, self.engine.module
+        model.set_num_updates(self.update)  # the hook: any module that follows the update count
+        prepared = [self.task.prepare(model, b, self.device, self.dtype) if len(b.lengths) else None for b in group]
+        total = torch.stack([p["sample_size"].float() if p else torch.zeros((), device=self.device)
+                             for p in prepared]).sum()
+        if self.world_size > 1:
+            torch.distributed.all_reduce(total)  # the global number of targets of this update
+        scale = self.world_size * engine.gradient_accumulation_steps() / total.clamp_min(1.0)
+        for i, p in enumerate(prepared):
+            engine.set_gradient_accumulation_boundary(i == len(prepared) - 1)
+            if p is None:
+                engine.backward(_zero_loss(engine))
+                continue
+            out = self.task.forward(engine, p)
+            engine.backward(out.loss * scale)
+            for key, value in {"loss": out.loss, "sample_size": out.sample_size, **out.stats}.items():
+                sums[key] = sums.get(key, 0.0) + value.detach().float()
+            sums["audio_seconds"] = sums.get("audio_seconds", 0.0) + p["audio_seconds"]
+        if self.stage == 0 and self.precision != "fp16" and not self._grads_finite():
+            engine.zero_grad()  # DeepSpeed's ZeRO and fp16 paths skip such updates themselves
+            self.skipped += 1
+        else:
+            before = engine.skipped_steps
+            engine.step()
+            self.skipped += engine.skipped_steps - before
+        self.update += 1
+
+    def _grads_finite(self) -> bool:
+        norms = [p.grad.float().norm() for p in self.engine.module.parameters() if p.grad is not None]
+        return bool(torch.isfinite(torch.stack(norms).sum()).item()) if norms else True
+
+    def _reduce(self, sums: dict[str, Any]) -> dict[str, float]:
+        """Sum the stats over ranks (collective: every rank calls it with the same keys)."""
+        keys = ["loss", "sample_size", "audio_seconds", *self.task.stat_keys]
+        values = [float(sums.get(k, 0.0)) for k in keys]
+        return dict(zip(keys, all_reduce_sum(values, self.device), strict=True))
+
+    def validate(self) -> dict[str, float] | None:
+        if self.valid_loader is None:
+            return None
+        engine = self.engine
+        engine.eval()
+        sums: dict[str, Any] = {}
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.no_grad(), torch.random.fork_rng(devices=devices):
+            torch.manual_seed(self.cfg.seed + 7919)  # the same masks at every validation
+            self.valid_loader.set_epoch(0)  # from the first batch, also after a partial pass
+            for i, batch in enumerate(self.valid_loader):
+                if self.cfg.max_valid_batches and i >= self.cfg.max_valid_batches:
+                    break
+                if not len(batch.lengths):
+                    continue
+                p = self.task.prepare(engine.module, batch, self.device, self.dtype)
+                out = self.task.forward(engine, p)
+                for key, value in {"loss": out.loss, "sample_size": out.sample_size, **out.stats}.items():
+                    sums[key] = sums.get(key, 0.0) + value.float()
+        engine.train()
+        reduced = self._reduce(sums)
+        return self.task.metrics(reduced) if reduced["sample_size"] > 0 else None
+
+    def _log(self, split: str, metrics: dict[str, float]) -> None:
+        if self.rank != 0:
+            return
+        record = {"update": self.update, "split": split, **{k: round(v, 6) for k, v in metrics.items()}}
+        with (self.output / "metrics.jsonl").open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for key, value in metrics.items():
+                self.writer.add_scalar(f"{split}/{key}", value, self.update)
+            self.writer.flush()
+
+    def _save(self) -> Path:
+        state = {"loader": self.train_loader.state_dict(), "rng": checkpoint.rng_state(), "skipped": self.skipped}
+        return checkpoint.save(self.engine, self.ckpt_root, self.update, self.rank, state, self.cfg.keep_checkpoints)
+
+    def fit(self) -> dict[str, Any]:
+        """Train to ``max_updates`` (or resume and finish); returns paths and the last metrics."""
+        self.output.mkdir(parents=True, exist_ok=True)
+        self._build_engine()
+        self._resume()
+        if self.rank == 0:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(self.output / "tensorboard"))
+            (self.output / "world.json").write_text(json.dumps({"world_size": self.world_size,
+                                                                 "precision": self.precision,
+                                                                 "zero_stage": self.stage}) + "\n")
+        cfg = self.cfg
+        bar = tqdm(total=cfg.max_updates, initial=self.update, disable=self.rank != 0, unit="upd",
+                   dynamic_ncols=True)
+        sums: dict[str, Any] = {}
+        last_train: dict[str, float] = {}
+        last_valid: dict[str, float] | None = None
+        ckpt: Path | None = None
+        tick = time.perf_counter()
+        groups = self._micro_batches()
+        end = min(cfg.max_updates, cfg.stop_at) if cfg.stop_at else cfg.max_updates
+        while self.update < end:
+            self._train_update(next(groups), sums)
+            done = self.update >= end
+            if cfg.log_every and (self.update % cfg.log_every == 0 or done):
+                reduced = self._reduce(sums)
+                elapsed = time.perf_counter() - tick
+                metrics = self.task.metrics(reduced)
+                grad_norm = self.engine.get_global_grad_norm()
+                metrics.update(lr=self.engine.get_lr()[0], skipped_updates=float(self.skipped),
+                               audio_seconds_per_second=reduced.get("audio_seconds", 0.0) / max(elapsed, 1e-9),
+                               **({"grad_norm": float(grad_norm)} if grad_norm is not None
+                                  and math.isfinite(float(grad_norm)) else {}))
+                self._log("train", metrics)
+                if self.rank == 0:
+                    self.task.check_health(self.update, metrics)
+                    bar.set_postfix({k: f"{metrics[k]:.3g}" for k in ("loss", "accuracy", "prob_perplexity", "lr",
+                                                                        "audio_seconds_per_second") if k in metrics},
+                                    refresh=False)
+                last_train, sums, tick = metrics, {}, time.perf_counter()
+            if cfg.validate_every and (self.update % cfg.validate_every == 0 or done):
+                last_valid = self.validate()
+                if last_valid is not None:
+                    self._log("valid", last_valid)
+            if (cfg.checkpoint_every and self.update % cfg.checkpoint_every == 0) or done:
+                ckpt = self._save()
+            bar.update(1)
+        bar.close()
+        model_path = self.output / "model.pt"
+        if self.rank == 0 and self.update >= cfg.max_updates:
+            self.task.export(self.engine.module, model_path)
+            if self.writer is not None:
+                self.writer.close()
+        barrier()
+        return {"output_dir": str(self.output), "checkpoint": str(ckpt or checkpoint.latest(self.ckpt_root)),
+                "model": str(model_path), "update": self.update, "train": last_train, "valid": last_valid,
+                "skipped_updates": self.skipped, "world_size": self.world_size}
+
+
+def setup_logging(rank: int) -> None:
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("DeepSpeed", "deepspeed", "torch.distributed"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

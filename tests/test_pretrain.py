@@ -1,0 +1,165 @@
+"""The pretraining job end to end on CPU: real DeepSpeed (gloo), real shards, real checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from data_tools.shards import ShardOptions, make_shards
+from data_tools.synthetic import corpus_entries
+from pretrain.__main__ import load_config
+from speechssl import load_model
+from speechssl.config import ConfigError
+from tests.conftest import REPO
+
+CONFIG = str(REPO / "configs/pretrain/tiny.yaml")
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("synth")
+    entries = corpus_entries(0.04, num_speakers=6, seed=5)
+    make_shards([e for e in entries if e.speaker != "spk005"], root / "train", ShardOptions(max_count=8, workers=2),
+                progress=False)
+    make_shards([e for e in entries if e.speaker == "spk005"], root / "dev", ShardOptions(workers=2), progress=False)
+    return root
+
+
+def _args(shards: Path, out: Path, **trainer) -> list[str]:
+    settings = {"log_every": 1, "validate_every": 3, "checkpoint_every": 3, "max_valid_batches": 2, "threads": 1,
+                "max_updates": 6, **trainer}
+    return [f"data.shards=[{shards / 'train'}]", f"valid_shards=[{shards / 'dev'}]", "data.num_workers=1",
+            "data.max_tokens=96000", f"trainer.output_dir={out}",
+            *(f"trainer.{k}={v}" for k, v in settings.items())]
+
+
+def _run(args: list[str], launcher: list[str] | None = None, script: str | None = None) -> subprocess.CompletedProcess:
+    if script is not None:
+        cmd = [sys.executable, "-c", script, *args]
+    else:
+        cmd = [*(launcher or [sys.executable, "-m"]), "pretrain", "--config", CONFIG, *args]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=ENV, check=False, timeout=600)
+
+
+def _metrics(out: Path, split: str = "train") -> dict[int, dict]:
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    return {r["update"]: r for r in map(json.loads, lines) if r["split"] == split}
+
+
+def test_config_errors_are_clear_before_any_model(shards: Path, tmp_path: Path) -> None:
+    good = _args(shards, tmp_path / "run")
+    cases = [
+        (["model.context.num_layerz=1"], "model.context.num_layerz: unknown key"),
+        (["trainer.lr=fast"], "trainer.lr: Value 'fast'"),
+        ([f"data.shards=[{tmp_path / 'nowhere'}]"], "data.shards: shard directory"),
+        ([f"valid_shards=[{tmp_path}]"], "valid_shards:"),
+        (["trainer.update_freq=0"], "trainer.update_freq: must be >= 1"),
+    ]
+    for extra, message in cases:
+        with pytest.raises(ConfigError) as err:
+            load_config(CONFIG, [*good, *extra])
+        assert message in str(err.value), str(err.value)
+    ds_cases = [
+        ({"optimizer": {"type": "Adam"}, "gradient_clipping": 1.0}, "has an 'optimizer' section"),
+        ({"gradient_accumulation_steps": 4, "gradient_clipping": 1.0}, "contradicts trainer.update_freq=1"),
+        ({"train_batch_size": 32, "gradient_clipping": 1.0}, "sets train_batch_size"),
+        ({"zero_optimization": {"stage": 1}}, "gradient_clipping explicitly"),
+        ({"fp16": {"enabled": True}, "gradient_clipping": 1.0}, "needs a GPU"),
+        ({"zero_optimization": {"stage": 3}, "gradient_clipping": 1.0}, "stage 3 is not supported"),
+    ]
+    for ds, message in ds_cases:
+        path = tmp_path / "ds.json"
+        path.write_text(json.dumps(ds))
+        with pytest.raises(ConfigError) as err:
+            load_config(CONFIG, [*good, f"trainer.deepspeed={path}", "trainer.device=cpu"])
+        assert message in str(err.value), str(err.value)
+    out = _run([*good, "model.context.num_layerz=1"])
+    assert out.returncode == 2 and "config error: model.context.num_layerz: unknown key" in out.stderr
+    assert not (tmp_path / "run").exists()  # nothing was built or written
+
+
+def test_resume_continues_the_uninterrupted_run(shards: Path, tmp_path: Path) -> None:
+    straight = _run(_args(shards, tmp_path / "a"))
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    first = _run(_args(shards, tmp_path / "b", stop_at=3))
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert not (tmp_path / "b" / "model.pt").exists()  # stopped early: no export yet
+    second = _run(_args(shards, tmp_path / "b"))
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resumed from" in second.stderr
+    a, b = _metrics(tmp_path / "a"), _metrics(tmp_path / "b")
+    assert sorted(a) == sorted(b) == list(range(1, 7))
+    for update in range(1, 7):  # fp32 on the CPU: identical, not merely close
+        for key in ("loss", "contrastive", "accuracy", "prob_perplexity", "lr"):
+            assert a[update][key] == b[update][key], (update, key, a[update][key], b[update][key])
+    assert _metrics(tmp_path / "a", "valid")[6] == _metrics(tmp_path / "b", "valid")[6]
+    assert a[6]["loss"] < a[1]["loss"]
+    model = load_model(tmp_path / "a" / "model.pt")  # standalone, no DeepSpeed
+    assert model.config.context.num_layers == 2
+    assert (tmp_path / "a" / "tensorboard").is_dir() and list((tmp_path / "a" / "tensorboard").iterdir())
+    report = subprocess.run([sys.executable, "-m", "pretrain", "report", str(tmp_path / "a")], capture_output=True,
+                            text=True, cwd=REPO, check=False)
+    assert report.returncode == 0 and (tmp_path / "a" / "report.png").stat().st_size > 10_000
+
+
+KILL_DURING_SAVE = f"""
+import os, sys
+from speechssl.training import checkpoint
+original = checkpoint._atomic_write
+def dying(path, write):
+    if path.name == "rank0.pt" and "update_00000004" in str(path):
+        os._exit(9)  # killed after DeepSpeed wrote its files, before the checkpoint was complete
+    return original(path, write)
+checkpoint._atomic_write = dying
+from pretrain.__main__ import main
+sys.exit(main(["--config", {CONFIG!r}, *sys.argv[1:]]))
+"""
+
+
+def test_a_killed_save_leaves_the_previous_checkpoint(shards: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    killed = _run(_args(shards, out, checkpoint_every=2), script=KILL_DURING_SAVE)
+    assert killed.returncode == 9
+    root = out / "checkpoints"
+    assert (root / "LATEST").read_text().strip() == "update_00000002"
+    assert (root / "update_00000004").is_dir() and not (root / "update_00000004" / "COMPLETE").exists()
+    resumed = _run(_args(shards, out, checkpoint_every=2))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stderr and "update_00000002" in resumed.stderr
+    assert (root / "LATEST").read_text().strip() == "update_00000006"
+    assert sorted(p.name for p in root.glob("update_*")) == ["update_00000004", "update_00000006"]
+    assert (root / "update_00000004" / "COMPLETE").exists()  # written again by the resumed run
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_deepspeed_launcher_two_ranks(shards: Path, tmp_path: Path, stage: int) -> None:
+    deepspeed = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or shutil.which("deepspeed")
+    assert deepspeed, "the deepspeed launcher is not installed"
+    out = tmp_path / f"zero{stage}"
+    args = _args(shards, out, max_updates=4, validate_every=4, checkpoint_every=4, record_samples="true",
+                 deepspeed=f"configs/deepspeed/zero{stage}_fp32.json")
+    result = _run(args, launcher=[deepspeed, "--num_gpus", "2", "--master_port", str(_free_port()), "--module"])
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    assert json.loads((out / "world.json").read_text()) == {"world_size": 2, "precision": "fp32", "zero_stage": stage}
+    ranks = [[json.loads(line) for line in (out / f"samples.rank{r}.jsonl").read_text().splitlines()] for r in (0, 1)]
+    assert [u["update"] for u in ranks[0]] == [u["update"] for u in ranks[1]] == [1, 2, 3, 4]  # equal counts
+    seen = [{k for u in rank for k in u["keys"]} for rank in ranks]
+    assert seen[0] and seen[1] and not seen[0] & seen[1]  # different data
+    metrics = _metrics(out)
+    assert sorted(metrics) == [1, 2, 3, 4] and all(m["loss"] > 0 for m in metrics.values())
+    assert (out / "checkpoints" / "update_00000004" / "rank1.pt").is_file()
+    assert load_model(out / "model.pt") is not None
