@@ -194,3 +194,19 @@ def test_corrupt_sample_is_skipped_and_counted(corpus: Path, tmp_path: Path) -> 
 def test_loader_len_matches_and_is_an_audio_loader(corpus: Path) -> None:
     loader = make_loader(_config(corpus), train=True, rank=0, world_size=3)
     assert isinstance(loader, AudioLoader) and len(loader) == len(list(loader))
+
+
+def test_every_rank_gets_shards_before_any_rank_gets_two_workers_busy(corpus: Path) -> None:
+    from speechssl.data.plan import deal
+    from speechssl.data.shardset import ShardSet
+
+    shards = ShardSet([str(corpus)]).shards[0][:2]
+    slots = deal(shards, world_size=2, workers=4)
+    assert [len(s) for s in slots] == [1, 0, 0, 0, 1, 0, 0, 0]  # one shard per rank, not two on rank 0
+
+
+def test_a_rank_without_data_is_a_clear_error(corpus: Path) -> None:
+    pattern = str(corpus / "shard-000000.tar")
+    loader = make_loader(_config(corpus, shards=[pattern], num_workers=0), train=True, rank=0, world_size=2)
+    with pytest.raises(ValueError, match="gets no training batch"):
+        list(loader)

@@ -58,14 +58,23 @@ def epoch_shards(shardset: ShardSet, epoch: int, seed: int, shuffle: bool) -> li
     return shards
 
 
-def deal(shards: list[Shard], num_slots: int) -> list[list[int]]:
-    """Deal shards to slots, each to the slot with the fewest samples so far (ties: lowest slot)."""
-    load = [0] * num_slots
-    slots: list[list[int]] = [[] for _ in range(num_slots)]
-    for i, shard in enumerate(shards):
-        slot = min(range(num_slots), key=lambda s: (load[s], s))
-        slots[slot].append(i)
-        load[slot] += len(shard.keys)
+def _least_loaded(items: list[int], weights: list[int], bins: int) -> list[list[int]]:
+    load = [0] * bins
+    out: list[list[int]] = [[] for _ in range(bins)]
+    for i in items:
+        b = min(range(bins), key=lambda k: (load[k], k))
+        out[b].append(i)
+        load[b] += weights[i]
+    return out
+
+
+def deal(shards: list[Shard], world_size: int, workers: int) -> list[list[int]]:
+    """Deal shards to ranks, then each rank's to its workers, each to the one with the fewest samples
+    so far (ties: the lowest). Returns the shard ids of slot ``rank * workers + worker``."""
+    sizes = [len(s.keys) for s in shards]
+    slots = []
+    for rank_shards in _least_loaded(list(range(len(shards))), sizes, world_size):
+        slots.extend(_least_loaded(rank_shards, sizes, workers))
     return slots
 
 
@@ -144,13 +153,17 @@ def plan_epoch(shardset: ShardSet, epoch: int, *, seed: int, train: bool, world_
                crop_to_shortest: bool, max_batch_size: int) -> EpochPlan:
     shards = epoch_shards(shardset, epoch, seed, shuffle=train)
     slots = []
-    for slot, ids in enumerate(deal(shards, world_size * workers)):
+    for slot, ids in enumerate(deal(shards, world_size, workers)):
         rng = np.random.default_rng([seed, epoch, 1, slot])
         slots.append(plan_slot(shards, ids, train=train, max_tokens=max_tokens, max_sample_size=max_sample_size,
                                min_sample_size=min_sample_size, shuffle_buffer=shuffle_buffer,
                                crop_to_shortest=crop_to_shortest, max_batch_size=max_batch_size, rng=rng))
     counts = [[len(slots[r * workers + w].batches) for w in range(workers)] for r in range(world_size)]
     totals = [sum(c) for c in counts]
+    if train and min(totals) == 0:
+        raise ValueError(f"rank {totals.index(0)} of {world_size} gets no training batch this epoch: "
+                         f"{len(shards)} shard(s) for {world_size} rank(s); write more, smaller shards "
+                         "(make-shards --max-count) or lower min_sample_size")
     per_rank = min(totals) if train else None
     quotas = []
     for r in range(world_size):

@@ -268,6 +268,8 @@ class Trainer:
                                audio_seconds_per_second=reduced.get("audio_seconds", 0.0) / max(elapsed, 1e-9),
                                **({"grad_norm": float(grad_norm)} if grad_norm is not None
                                   and math.isfinite(float(grad_norm)) else {}))
+                if self.device.type == "cuda":
+                    metrics["peak_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
                 self._log("train", metrics)
                 if self.rank == 0:
                     self.task.check_health(self.update, metrics)
