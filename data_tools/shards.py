@@ -22,10 +22,9 @@ from tqdm import tqdm
 
 from data_tools.audio import BadAudio, encode_flac, prepare, read_audio
 from data_tools.sources import Entry
+from speechssl.data.shardset import FORMAT, INDEX
 
-INDEX = "index.json"
 REPORT = "skipped.tsv"
-FORMAT = "speechssl-shards"
 MTIME = 0  # fixed tar timestamps: reproducible shards
 
 
@@ -236,14 +235,3 @@ def _write_report(path: Path, skips: Iterable[Skip]) -> None:
         for s in skips:
             fields = (s.id, s.path, s.reason, s.detail)
             f.write("\t".join(x.replace("\t", " ").replace("\n", " ") for x in fields) + "\n")
-
-
-def load_index(directory: str | Path) -> dict:
-    """The ``index.json`` of a shard directory, with a clear error when it is missing or foreign."""
-    path = Path(directory) / INDEX
-    if not path.is_file():
-        raise FileNotFoundError(f"{directory}: no {INDEX} (not a shard directory, or its build did not finish)")
-    index = json.loads(path.read_text())
-    if index.get("format") != FORMAT:
-        raise ValueError(f"{path}: not a speechssl shard index")
-    return index

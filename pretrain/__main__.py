@@ -48,8 +48,7 @@ def train(config) -> dict:
     device = pick_device(config.trainer.device)
     rank, world = init_distributed(device)
     setup_logging(rank)
-    train_loader = make_loader(dataclasses.replace(config.data, seed=config.trainer.seed), train=True,
-                               rank=rank, world_size=world)
+    train_loader = make_loader(config.data, train=True, rank=rank, world_size=world)
     valid_loader = None
     if config.valid_shards:
         valid_loader = make_loader(dataclasses.replace(config.data, shards=config.valid_shards, weights=None),

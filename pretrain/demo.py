@@ -26,7 +26,8 @@ def main(argv: list[str] | None = None) -> int:
         from data_tools.cli import main as data_tools
 
         print(f"generating the synthetic corpus into {CORPUS} ...", flush=True)
-        data_tools(["synth", "--output", str(CORPUS), "--hours", "0.3", "--speakers", "40", "--dev-speakers", "4"])
+        data_tools(["synth", "--output", str(CORPUS), "--hours", "0.3", "--speakers", "40", "--dev-speakers", "4",
+                    "--max-count", "50"])
 
     from pretrain.__main__ import load_config, train
     from pretrain.report import render

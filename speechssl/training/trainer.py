@@ -74,7 +74,7 @@ def _zero_loss(model: nn.Module) -> Tensor:
 
 class Trainer:
     def __init__(self, task: Task, config: TrainerConfig, train_loader: AudioLoader,
-                 valid_loader: AudioLoader | None = None, rank: int | None = None):
+                 valid_loader: AudioLoader | None = None):
         self.task, self.cfg = task, config
         self.train_loader, self.valid_loader = train_loader, valid_loader
         self.device = pick_device(config.device)
