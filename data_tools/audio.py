@@ -76,8 +76,3 @@ def encode_flac(samples: np.ndarray, rate: int) -> tuple[bytes, int]:
     sf.write(buffer, np.clip(samples, -1.0, 1.0), rate, format="FLAC", subtype="PCM_16")
     return buffer.getvalue(), clipped
 
-
-def decode_audio(data: bytes) -> tuple[np.ndarray, int]:
-    """Decode audio bytes (FLAC in our shards) to mono float32 ``(S,)`` and the sample rate."""
-    samples, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
-    return samples.mean(axis=1), rate

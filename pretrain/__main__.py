@@ -83,8 +83,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
+    import torch.distributed as dist
+
     result = train(config)
-    if result["world_size"] and __import__("torch").distributed.get_rank() == 0:
+    if dist.get_rank() == 0:
         print(json.dumps({k: result[k] for k in ("output_dir", "checkpoint", "model", "update", "skipped_updates")}))
     return 0
 

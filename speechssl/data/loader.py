@@ -14,6 +14,7 @@ decoded with soundfile; a corrupt sample is skipped, counted and reported in the
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from speechssl.config import check
+from speechssl.data.audio import decode_audio
 from speechssl.data.plan import EpochPlan, Item, plan_epoch, round_robin
 from speechssl.data.shardset import ShardSet
 
@@ -182,7 +184,7 @@ class ShardStream(IterableDataset):
                 skipped.append([key, f"undecodable: {e}"])
                 continue
             waves.append(audio)
-            metas.append({**_json(meta), "__key__": key, "__shard__": path})
+            metas.append({**json.loads(meta), "__key__": key, "__shard__": path})
         lengths = torch.tensor([len(w) for w in waves], dtype=torch.long)
         batch = torch.zeros(len(waves), int(lengths.max()) if len(waves) else 0)
         for i, w in enumerate(waves):
@@ -190,10 +192,7 @@ class ShardStream(IterableDataset):
         return AudioBatch(batch, lengths, {"samples": metas, "skipped": skipped})
 
     def _decode(self, flac: bytes, item: Item) -> np.ndarray:
-        import io
-
-        audio, rate = sf.read(io.BytesIO(flac), dtype="float32", always_2d=True)
-        audio = audio.mean(axis=1)
+        audio, rate = decode_audio(flac)
         if rate != self.shardset.sample_rate:
             raise ValueError(f"sample rate {rate}, the index says {self.shardset.sample_rate}")
         if not np.isfinite(audio).all():
@@ -204,12 +203,6 @@ class ShardStream(IterableDataset):
         if self.config.normalize:
             audio = (audio - audio.mean()) / np.sqrt(audio.var() + 1e-5)
         return audio
-
-
-def _json(data: bytes) -> dict:
-    import json
-
-    return json.loads(data)
 
 
 class AudioLoader:

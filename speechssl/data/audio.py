@@ -1,0 +1,14 @@
+"""Decoding the audio bytes stored in shards."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import soundfile as sf
+
+
+def decode_audio(data: bytes) -> tuple[np.ndarray, int]:
+    """Decode audio bytes (FLAC in our shards) to mono float32 ``(S,)`` and the sample rate."""
+    samples, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
+    return samples.mean(axis=1), rate
