@@ -1,6 +1,7 @@
 """Time one pretraining step (forward with all losses, backward, optimizer step) on a GPU.
 
     python bench/step_time.py --config configs/model/base_transformer.yaml --batch-size 6 --seconds 15.6
+    python bench/step_time.py --config configs/model/base_conformer.yaml context.position_embeddings=rotary
 
 Runs warm-up steps, times ``--steps`` steps with CUDA events, reports milliseconds per step,
 audio-seconds per second and peak memory, then runs one more forward+backward under
@@ -43,13 +44,14 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
     parser.add_argument("--padded", action="store_true", help="rows of different lengths")
+    parser.add_argument("overrides", nargs="*", help="dotted model config overrides, e.g. context.num_layers=6")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench/step_time.py needs a CUDA GPU")
 
     device = torch.device("cuda")
     torch.manual_seed(0)
-    model = Wav2Vec2Model(load_model_config(args.config)).to(device).train()
+    model = Wav2Vec2Model(load_model_config(args.config, args.overrides)).to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=5e-4, betas=(0.9, 0.98), eps=1e-6,
                                   weight_decay=0.01, fused=True)
     waves, lengths = make_batch(args.batch_size, args.seconds, device, args.padded)
@@ -86,6 +88,8 @@ def main() -> None:
 
     result = {
         "config": args.config,
+        "overrides": args.overrides,
+        "parameters_millions": round(sum(p.numel() for p in model.parameters()) / 1e6, 1),
         "batch": f"{args.batch_size} x {args.seconds}s",
         "dtype": args.dtype,
         "ms_per_step": round(ms, 1),

@@ -283,10 +283,14 @@ def _structure(schema: type, raw: Any, key: str, base_dir: Path | None) -> DictC
                 raise ConfigError(f"{sub_key}.type: {e.args[0]}") from None
             sub_nodes[f.name] = _structure(sub_schema, value, sub_key, base_dir)
         elif _is_schema(hints[f.name]):
-            raw[f.name] = _structure(hints[f.name], raw[f.name], sub_key, base_dir)
+            sub_nodes[f.name] = _structure(hints[f.name], raw.pop(f.name), sub_key, base_dir)
     try:
         merged = OmegaConf.merge(OmegaConf.structured(schema), raw)
+        # Sections replace the defaults rather than merge into them: a polymorphic section (at any
+        # depth) may pick another schema than the default's.
         for name, node in sub_nodes.items():
+            if OmegaConf.get_type(merged, name) is not OmegaConf.get_type(node):
+                merged[name] = None
             merged[name] = node
     except OmegaConfBaseException as e:
         raise ConfigError(_describe(e, key)) from None

@@ -1,57 +1,90 @@
-"""The pretraining objective equals Hugging Face's ``Wav2Vec2ForPreTraining`` given the same weights,
-mask and negatives (eval mode, fp32): logits, contrastive loss, codevector perplexity."""
+"""Hugging Face parity (CPU, fp32, eval, random weights): models imported from ``transformers``
+give the same hidden states, pretraining outputs and CTC logits; exports round-trip exactly.
+
+Covers ``Wav2Vec2*`` (BASE and LARGE layouts) and ``Wav2Vec2Conformer*`` (relative, rotary and no
+position embeddings) through :mod:`speechssl.interop.huggingface`.
+"""
 
 from __future__ import annotations
-
-import dataclasses
 
 import numpy as np
 import pytest
 import torch
-from torchaudio.models.wav2vec2.utils import import_huggingface_model
-from transformers import Wav2Vec2Config, Wav2Vec2ForPreTraining
+import transformers
 from transformers.models.wav2vec2.modeling_wav2vec2 import _compute_mask_indices, _sample_negative_indices
 
-from speechssl import Wav2Vec2Model
-from speechssl.config import LossConfig, QuantizerConfig
-from speechssl.interop.torchaudio import from_torchaudio
+from speechssl import Wav2Vec2Model, load_model_config
+from speechssl.interop.huggingface import from_huggingface, to_huggingface
+from speechssl.models.ctc import CTCModel
 from speechssl.objectives.negatives import Negatives
+from tests.conftest import REPO
 
 GROUPS, VARS, CODE_DIM, PROJ_DIM, NEGATIVES = 2, 16, 32, 24, 12
+KINDS = ["transformer-base", "transformer-large", "conformer-relative", "conformer-rotary", "conformer-none"]
+LENGTHS = torch.tensor([24000, 20000, 17000])
 
 
-def _hf_model(stable_layer_norm: bool) -> Wav2Vec2ForPreTraining:
-    config = Wav2Vec2Config(
-        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-        conv_dim=(32,) * 7, conv_bias=stable_layer_norm, feat_extract_norm="layer" if stable_layer_norm else "group",
-        do_stable_layer_norm=stable_layer_norm, num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4,
-        num_codevector_groups=GROUPS, num_codevectors_per_group=VARS, codevector_dim=CODE_DIM,
-        proj_codevector_dim=PROJ_DIM, num_negatives=NEGATIVES, contrastive_logits_temperature=0.1,
-        diversity_loss_weight=0.1, hidden_dropout=0.0, attention_dropout=0.0, activation_dropout=0.0,
-        feat_proj_dropout=0.0, feat_quantizer_dropout=0.0, layerdrop=0.0,
-    )
-    return Wav2Vec2ForPreTraining(config).eval()
+def _hf_config(kind: str, **extra) -> object:
+    common = dict(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, conv_dim=(32,) * 7,
+        num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4, num_codevector_groups=GROUPS,
+        num_codevectors_per_group=VARS, codevector_dim=CODE_DIM, proj_codevector_dim=PROJ_DIM,
+        num_negatives=NEGATIVES, contrastive_logits_temperature=0.1, diversity_loss_weight=0.1,
+        hidden_dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, feat_proj_dropout=0.0,
+        feat_quantizer_dropout=0.0, layerdrop=0.0, final_dropout=0.0, vocab_size=11)
+    if kind.startswith("transformer"):
+        large = kind.endswith("large")
+        return transformers.Wav2Vec2Config(**common, conv_bias=large, feat_extract_norm="layer" if large else "group",
+                                           do_stable_layer_norm=large, **extra)
+    position = kind.split("-")[1]
+    return transformers.Wav2Vec2ConformerConfig(
+        **common, hidden_act="swish", conv_depthwise_kernel_size=7, conformer_conv_dropout=0.0,
+        position_embeddings_type=None if position == "none" else position, **extra)
 
 
-def _ours_from(hf: Wav2Vec2ForPreTraining) -> Wav2Vec2Model:
-    encoder = from_torchaudio(import_huggingface_model(hf.wav2vec2))
-    config = dataclasses.replace(
-        encoder.config, final_dim=PROJ_DIM, dropout_features=0.0,
-        quantizer=QuantizerConfig(num_groups=GROUPS, num_vars=VARS, codevector_dim=CODE_DIM),
-        loss=LossConfig(num_negatives=NEGATIVES, logit_temp=0.1, feature_penalty_weight=0.0))
-    model = Wav2Vec2Model(config)
-    state = {k: v for k, v in encoder.state_dict().items()
-             if not k.startswith(("quantizer.", "project_q.", "final_proj.", "frontend.mask_emb"))}
-    state.update({
-        "frontend.mask_emb": hf.wav2vec2.masked_spec_embed,
-        "final_proj.weight": hf.project_hid.weight, "final_proj.bias": hf.project_hid.bias,
-        "project_q.weight": hf.project_q.weight, "project_q.bias": hf.project_q.bias,
-        "quantizer.weight_proj.0.weight": hf.quantizer.weight_proj.weight,
-        "quantizer.weight_proj.0.bias": hf.quantizer.weight_proj.bias,
-        "quantizer.codevectors": hf.quantizer.codevectors.view(GROUPS, VARS, -1),
-    })
-    model.load_state_dict(state)
-    return model.eval()
+def _hf_model(kind: str, head: str = "ForPreTraining") -> torch.nn.Module:
+    """A random model whose every weight (LayerNorms and BatchNorm statistics too) is perturbed, so
+    that a parameter mapped to the wrong place cannot go unnoticed."""
+    base = "Wav2Vec2" if kind.startswith("transformer") else "Wav2Vec2Conformer"
+    model = getattr(transformers, base + head)(_hf_config(kind)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+        for name, buffer in model.named_buffers():
+            if name.endswith("running_mean"):
+                buffer.normal_(0.0, 0.1)
+            elif name.endswith("running_var"):
+                buffer.uniform_(0.5, 1.5)
+    return model
+
+
+def _batch() -> tuple[torch.Tensor, torch.Tensor]:
+    waves = torch.randn(3, 24000) * (torch.arange(24000) < LENGTHS[:, None])
+    return waves, (torch.arange(24000) < LENGTHS[:, None]).long()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_hidden_states_match(kind: str) -> None:
+    hf = _hf_model(kind, "Model")
+    ours = from_huggingface(hf)
+    waves, attention = _batch()
+    with torch.no_grad():
+        expected = hf(waves, attention_mask=attention, output_hidden_states=True)
+        layers, frames = ours.extract_features(waves, LENGTHS)
+        output, _ = ours.encode(waves, LENGTHS)
+    valid = torch.arange(output.shape[1]) < frames[:, None]
+    assert valid.sum() < valid.numel()  # the batch is padded
+    # hidden_states[0] is the context input; hidden_states[i] the output of layer i. In the post-LN
+    # Transformer HF's last entry is also its final output.
+    assert len(expected.hidden_states) == len(layers) + 1
+    for got, want in zip(layers, expected.hidden_states[1:], strict=True):
+        torch.testing.assert_close(got[valid], want[valid], rtol=0, atol=1e-4)
+    torch.testing.assert_close(output[valid], expected.last_hidden_state[valid], rtol=0, atol=1e-4)
+    # The comparison is sharp: a small change to one weight shows.
+    with torch.no_grad():
+        ours.context.layers[-1].final_layer_norm.weight.add_(1e-2)
+        moved, _ = ours.extract_features(waves, LENGTHS)
+    assert (moved[-1] - expected.hidden_states[-1])[valid].abs().max() > 1e-3
 
 
 def _fixed_mask_and_negatives(batch: int, length: int, frames: torch.Tensor):
@@ -78,21 +111,21 @@ def _to_slots(mask: np.ndarray, hf_negatives: np.ndarray) -> Negatives:
     return Negatives(local, torch.ones_like(local, dtype=torch.bool), empty, empty.bool())
 
 
-@pytest.mark.parametrize("stable_layer_norm", [False, True], ids=["base-layout", "large-layout"])
-def test_pretraining_objective_matches_huggingface(stable_layer_norm: bool) -> None:
-    hf = _hf_model(stable_layer_norm)
-    ours = _ours_from(hf)
-    lengths = torch.tensor([24000, 20000, 17000])
-    waves = torch.randn(3, 24000) * (torch.arange(24000) < lengths[:, None])
-    frames = ours.feature_extractor.output_lengths(lengths)
+@pytest.mark.parametrize("kind", KINDS)
+def test_pretraining_objective_matches(kind: str) -> None:
+    hf = _hf_model(kind)
+    ours = from_huggingface(hf)
+    assert isinstance(ours, Wav2Vec2Model) and not ours.training
+    waves, attention = _batch()
+    frames = ours.feature_extractor.output_lengths(LENGTHS)
     batch, length = 3, int(frames.max())
     mask_np, hf_negatives = _fixed_mask_and_negatives(batch, length, frames)
     mask = torch.from_numpy(mask_np)
 
     with torch.no_grad():
-        expected = hf(waves, attention_mask=(torch.arange(24000) < lengths[:, None]).long(),
-                      mask_time_indices=mask, sampled_negative_indices=torch.from_numpy(hf_negatives))
-        got = ours(waves, lengths, mask=mask, negatives=_to_slots(mask_np, hf_negatives))
+        expected = hf(waves, attention_mask=attention, mask_time_indices=mask,
+                      sampled_negative_indices=torch.from_numpy(hf_negatives))
+        got = ours(waves, LENGTHS, mask=mask, negatives=_to_slots(mask_np, hf_negatives))
 
     assert got.sample_size.item() == mask.sum().item()
     torch.testing.assert_close(got.contrastive_loss, expected.contrastive_loss, rtol=1e-5, atol=1e-3)
@@ -112,3 +145,80 @@ def test_pretraining_objective_matches_huggingface(stable_layer_norm: bool) -> N
             same = (flat_targets[hf_negatives[b, t]] == targets[b, t]).all(-1)
             reference[1:][same] = float("-inf")
             torch.testing.assert_close(got.logits[b, j], reference, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_ctc_logits_match(kind: str) -> None:
+    hf = _hf_model(kind, "ForCTC")
+    ours = from_huggingface(hf)
+    assert isinstance(ours, CTCModel) and ours.vocab_size == 11 and ours.blank == hf.config.pad_token_id
+    waves, attention = _batch()
+    with torch.no_grad():
+        expected = hf(waves, attention_mask=attention).logits
+        logits, frames = ours(waves, LENGTHS)
+    valid = torch.arange(logits.shape[1]) < frames[:, None]
+    torch.testing.assert_close(logits[valid], expected[valid], rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("head", ["Model", "ForPreTraining", "ForCTC"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_import_export_round_trip(kind: str, head: str) -> None:
+    hf = _hf_model(kind, head)
+    back = to_huggingface(from_huggingface(hf), kind="model" if head == "Model" else None)
+    assert type(back) is type(hf)
+    assert _same_architecture(back.config, hf.config, ctc=head == "ForCTC")
+    expected, got = hf.state_dict(), back.state_dict()
+    assert expected.keys() == got.keys()
+    for key, value in expected.items():
+        if "pos_conv_embed" in key and "Conformer" in type(hf).__name__:
+            continue  # Hugging Face's Conformer holds this convolution but never runs it
+        assert torch.equal(got[key], value), key
+
+
+def _same_architecture(a, b, ctc: bool) -> bool:
+    keys = ("mask_time_prob", "mask_time_length", "num_negatives", "contrastive_logits_temperature",
+            "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "conv_dim", "conv_kernel",
+            "conv_stride", "conv_bias", "feat_extract_norm", "do_stable_layer_norm", "hidden_act",
+            "num_codevector_groups", "num_codevectors_per_group", "codevector_dim", "proj_codevector_dim",
+            "position_embeddings_type", "conv_depthwise_kernel_size")
+    keys += ("vocab_size", "pad_token_id", "final_dropout") if ctc else ()
+
+    def value(config, key):
+        v = getattr(config, key, None)
+        return list(v) if isinstance(v, tuple) else v
+
+    return all(value(a, k) == value(b, k) for k in keys)
+
+
+@pytest.mark.parametrize("config", ["tiny_transformer", "tiny_conformer"])
+def test_exported_model_gives_our_hidden_states(config: str) -> None:
+    model_config = load_model_config(REPO / f"configs/model/{config}.yaml")
+    if model_config.context.type == "conformer":
+        model_config.context.mask_padding_in_conv = False  # Hugging Face leaks padding into the conv
+    ours = Wav2Vec2Model(model_config).eval()
+    with torch.no_grad():
+        for p in ours.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    hf = to_huggingface(ours, kind="model")
+    waves, attention = _batch()
+    with torch.no_grad():
+        expected = hf(waves, attention_mask=attention, output_hidden_states=True)
+        layers, frames = ours.extract_features(waves, LENGTHS)
+    valid = torch.arange(layers[0].shape[1]) < frames[:, None]
+    for got, want in zip(layers, expected.hidden_states[1:], strict=True):
+        torch.testing.assert_close(want[valid], got[valid], rtol=0, atol=1e-4)
+
+
+def test_export_refuses_what_huggingface_cannot_hold() -> None:
+    config = load_model_config(REPO / "configs/model/tiny_conformer.yaml", ["context.att_context_size=[4,4]"])
+    with pytest.raises(ValueError, match="full attention only"):
+        to_huggingface(Wav2Vec2Model(config))
+    config = load_model_config(REPO / "configs/model/tiny_conformer.yaml",
+                               ["context.position_embeddings=none", "context.pos_conv_kernel=16"])
+    with pytest.raises(ValueError, match="convolutional positional embedding"):
+        to_huggingface(Wav2Vec2Model(config))
+    config = load_model_config(REPO / "configs/model/tiny_transformer.yaml", ["quantizer.weight_proj_depth=2"])
+    with pytest.raises(ValueError, match="weight_proj_depth"):
+        to_huggingface(Wav2Vec2Model(config))
+    with pytest.raises(ValueError, match="cannot export"):
+        to_huggingface(Wav2Vec2Model(load_model_config(REPO / "configs/model/tiny_transformer.yaml")), kind="ctc")

@@ -9,9 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from speechssl.config import ModelConfig, load_model_config, to_dict
-from speechssl.models.context import build_context
-from speechssl.models.feature_extractor import FeatureExtractor
-from speechssl.models.frontend import Frontend, GradMultiply
+from speechssl.models.encoder import SpeechEncoder
 from speechssl.models.quantizer import GumbelVectorQuantizer
 from speechssl.objectives.losses import contrastive_logits, contrastive_loss, diversity_loss
 from speechssl.objectives.masking import compute_channel_mask, compute_span_mask
@@ -51,7 +49,7 @@ class PretrainOutput:
         return self.correct.float() / self.sample_size.clamp_min(1)
 
 
-class Wav2Vec2Model(nn.Module):
+class Wav2Vec2Model(SpeechEncoder):
     """wav2vec 2.0 with a pluggable context network, built from a :class:`ModelConfig`.
 
     ``forward(waveforms, lengths)`` runs pretraining (masking, quantizer, losses);
@@ -60,108 +58,15 @@ class Wav2Vec2Model(nn.Module):
     """
 
     def __init__(self, config: ModelConfig):
-        super().__init__()
-        self.config = config
-        self.feature_extractor = FeatureExtractor(config.extractor)
-        self.context = build_context(config.context)
+        super().__init__(config)
         feature_dim = self.feature_extractor.output_dim
-        self.frontend = Frontend(feature_dim, self.context.input_dim, config.dropout_input)
         self.dropout_features = nn.Dropout(config.dropout_features)
         self.quantizer = GumbelVectorQuantizer(feature_dim, config.codevector_dim, config.quantizer)
         self.project_q = nn.Linear(config.codevector_dim, config.final_dim)
         self.final_proj = nn.Linear(self.context.output_dim, config.final_dim)
         self.aux = nn.Linear(self.context.output_dim, config.aux_num_out) if config.aux_num_out else None
 
-    # ------------------------------------------------------------------ inputs and features
-
-    def validate_inputs(self, waveforms: Tensor, lengths: Tensor | None, check_values: bool | None) -> None:
-        """Raise ValueError naming the problem. Shape and dtype are always checked; values (NaN or
-        Inf, lengths too short for the receptive field) when ``check_values`` is True, or when it is
-        None and the tensors are on the CPU, where checking costs no device synchronisation."""
-        if not isinstance(waveforms, Tensor):
-            raise ValueError(f"waveforms must be a torch.Tensor, got {type(waveforms).__name__}")
-        if waveforms.ndim != 2:
-            raise ValueError(f"waveforms must have shape (batch, samples), got {tuple(waveforms.shape)}")
-        if not waveforms.is_floating_point():
-            raise ValueError(f"waveforms must be floating point, got {waveforms.dtype}")
-        if waveforms.shape[0] == 0 or waveforms.shape[1] == 0:
-            raise ValueError(f"empty batch: waveforms have shape {tuple(waveforms.shape)}")
-        if lengths is not None:
-            if lengths.ndim != 1 or lengths.shape[0] != waveforms.shape[0]:
-                raise ValueError(f"lengths must have shape ({waveforms.shape[0]},), got {tuple(lengths.shape)}")
-            if lengths.is_floating_point() or lengths.is_complex() or lengths.dtype == torch.bool:
-                raise ValueError(f"lengths must be integers, got {lengths.dtype}")
-        field = self.feature_extractor.receptive_field
-        if lengths is None and waveforms.shape[1] < field:
-            raise ValueError(f"waveforms of {waveforms.shape[1]} samples are shorter than the receptive "
-                             f"field of the feature extractor ({field} samples)")
-        if lengths is not None and (check_values or (check_values is None and lengths.device.type == "cpu")):
-            too_long = (lengths > waveforms.shape[1]).nonzero()
-            if len(too_long):
-                i = int(too_long[0])
-                raise ValueError(f"lengths[{i}]={int(lengths[i])} exceeds the {waveforms.shape[1]} samples given")
-            too_short = (lengths < field).nonzero()
-            if len(too_short):
-                i = int(too_short[0])
-                raise ValueError(f"waveform {i} has {int(lengths[i])} samples, fewer than the receptive field "
-                                 f"of the feature extractor ({field} samples)")
-        if check_values or (check_values is None and waveforms.device.type == "cpu"):
-            bad = (~torch.isfinite(waveforms)).any(1).nonzero()
-            if len(bad):
-                raise ValueError(f"waveform {int(bad[0])} contains NaN or Inf samples")
-
-    def _features(self, waveforms: Tensor, lengths: Tensor | None,
-                  check_values: bool | None) -> tuple[Tensor, Tensor | None, Tensor | None]:
-        """Extractor output ``(B, T, C)``, padding mask ``(B, T)`` and frame lengths ``(B,)``."""
-        self.validate_inputs(waveforms, lengths, check_values)
-        if lengths is not None and lengths.device != waveforms.device:
-            # Copied before any kernel is queued, from pinned memory: no wait on the device.
-            if waveforms.is_cuda and lengths.device.type == "cpu":
-                lengths = lengths.pin_memory()
-            lengths = lengths.to(waveforms.device, non_blocking=True)
-        mult = self.config.feature_grad_mult
-        if mult > 0:
-            features = self.feature_extractor(waveforms)
-            if mult != 1.0:
-                features = GradMultiply.apply(features, mult)
-        else:
-            with torch.no_grad():
-                features = self.feature_extractor(waveforms)
-        if lengths is None:
-            return features, None, None
-        frames = self.feature_extractor.output_lengths(lengths)
-        padding_mask = torch.arange(features.shape[1], device=features.device) >= frames.unsqueeze(1)
-        return features, padding_mask, frames
-
-    @staticmethod
-    def _lengths(padding_mask: Tensor | None) -> Tensor | None:
-        return None if padding_mask is None else (~padding_mask).sum(1)
-
-    def extract_features(self, waveforms: Tensor, lengths: Tensor | None = None,
-                         num_layers: int | None = None,
-                         check_values: bool | None = None) -> tuple[list[Tensor], Tensor | None]:
-        """Per-layer context outputs ``[(B, T, D)] * L`` and frame lengths ``(B,)`` (None if
-        ``lengths`` is None); ``num_layers`` stops early. No masking, no quantizer."""
-        features, padding_mask, _ = self._features(waveforms, lengths, check_values)
-        x, _ = self.frontend(features)
-        out = self.context(x, padding_mask, num_layers=num_layers)
-        return out.hidden_states, self._lengths(out.padding_mask)
-
-    def encode(self, waveforms: Tensor, lengths: Tensor | None = None,
-               check_values: bool | None = None) -> tuple[Tensor, Tensor | None]:
-        """Final context output ``(B, T, D)`` and frame lengths ``(B,)``, unmasked."""
-        features, padding_mask, _ = self._features(waveforms, lengths, check_values)
-        x, _ = self.frontend(features)
-        out = self.context(x, padding_mask)
-        return out.output, self._lengths(out.padding_mask)
-
     # ------------------------------------------------------------------ pretraining
-
-    def set_num_updates(self, num_updates: int) -> None:
-        """Propagate the trainer's update count to every submodule that follows it."""
-        for module in self.modules():
-            if module is not self and hasattr(module, "set_num_updates"):
-                module.set_num_updates(num_updates)
 
     def compute_mask(self, frames: Tensor | None, shape: tuple[int, int], device: torch.device) -> Tensor:
         """The span mask ``(B, T)`` for rows of ``frames (B,)`` valid frames (config.masking)."""

@@ -66,4 +66,5 @@ def build_context(config: Any) -> ContextNetwork:
     raise TypeError(f"no context network registered for {type(config).__name__}")
 
 
-from speechssl.models.context import transformer  # noqa: E402, F401  (registers "transformer")
+# Each import registers its network ("transformer", "conformer").
+from speechssl.models.context import conformer, transformer  # noqa: E402, F401

@@ -1,0 +1,78 @@
+"""The CTC model: the shared encoder plus dropout and a linear head over the vocabulary.
+
+The quantizer and the pretraining projections are not part of it. During training the context
+input is span- and channel-masked with the ``model.masking`` settings (fine-tuning's SpecAugment).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from speechssl.config import ModelConfig, check, load_model_config, to_dict
+from speechssl.models.encoder import SpeechEncoder
+from speechssl.objectives.masking import compute_channel_mask, compute_span_mask
+
+FORMAT = "speechssl.CTCModel"
+
+
+class CTCModel(SpeechEncoder):
+    """``forward(waveforms (B, S), lengths (B,))`` -> ``(logits (B, T, vocab_size), frames (B,))``.
+
+    vocab: the token strings (index = class), when known; blank: the CTC blank index.
+    """
+
+    def __init__(self, config: ModelConfig, vocab_size: int, blank: int = 0, final_dropout: float = 0.0,
+                 vocab: list[str] | None = None):
+        super().__init__(config)
+        check(vocab_size >= 2, "vocab_size", f"needs the blank and at least one token, got {vocab_size}")
+        check(0 <= blank < vocab_size, "blank", f"must index the vocabulary of {vocab_size}, got {blank}")
+        check(vocab is None or len(vocab) == vocab_size, "vocab", f"must list {vocab_size} tokens")
+        self.vocab_size, self.blank, self.vocab = vocab_size, blank, vocab
+        self.final_dropout = nn.Dropout(final_dropout)
+        self.lm_head = nn.Linear(self.context.output_dim, vocab_size)
+
+    @classmethod
+    def from_pretrained(cls, encoder: SpeechEncoder, vocab_size: int, **kwargs: Any) -> CTCModel:
+        """A CTC model whose encoder weights are copied from ``encoder`` (a pretraining model); the
+        head is freshly initialised."""
+        model = cls(encoder.config, vocab_size, **kwargs)
+        shared = {k: v for k, v in encoder.state_dict().items()
+                  if k.startswith(("feature_extractor.", "frontend.", "context."))}
+        model.load_state_dict(shared, strict=False)
+        return model
+
+    def forward(self, waveforms: Tensor, lengths: Tensor | None = None,
+                check_values: bool | None = None) -> tuple[Tensor, Tensor | None]:
+        features, padding_mask, frames = self._features(waveforms, lengths, check_values)
+        time_mask = channel_mask = None
+        m = self.config.masking
+        if self.training and m.mask_prob > 0:
+            time_mask = compute_span_mask(features.shape[:2], m.mask_prob, m.mask_length, m.min_masks, frames,
+                                          False, m.mask_dropout, m.no_overlap, m.min_space, device=features.device)
+        if self.training and m.channel_prob > 0:
+            channel_mask = compute_channel_mask(features.shape[0], self.context.input_dim, m.channel_prob,
+                                                m.channel_length, device=features.device)
+        x, _ = self.frontend(features, time_mask, channel_mask)
+        out = self.context(x, padding_mask)
+        return self.lm_head(self.final_dropout(out.output)), self._lengths(out.padding_mask)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """One standalone file with the config, the vocabulary and the weights (:func:`load_ctc_model`)."""
+        torch.save({"format": FORMAT, "version": 1, "config": to_dict(self.config), "vocab_size": self.vocab_size,
+                    "blank": self.blank, "final_dropout": self.final_dropout.p, "vocab": self.vocab,
+                    "state_dict": self.state_dict()}, path)
+
+
+def load_ctc_model(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> CTCModel:
+    """Rebuild a model written by :meth:`CTCModel.save`."""
+    blob = torch.load(path, map_location=map_location, weights_only=True)
+    if not isinstance(blob, dict) or blob.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a speechssl CTC model file (saved with CTCModel.save)")
+    model = CTCModel(load_model_config(blob["config"]), blob["vocab_size"], blob["blank"], blob["final_dropout"],
+                     blob["vocab"])
+    model.load_state_dict(blob["state_dict"])
+    return model
