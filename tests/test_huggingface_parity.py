@@ -222,3 +222,13 @@ def test_export_refuses_what_huggingface_cannot_hold() -> None:
         to_huggingface(Wav2Vec2Model(config))
     with pytest.raises(ValueError, match="cannot export"):
         to_huggingface(Wav2Vec2Model(load_model_config(REPO / "configs/model/tiny_transformer.yaml")), kind="ctc")
+
+
+def test_import_from_a_saved_folder(tmp_path) -> None:
+    hf = _hf_model("conformer-rotary", "ForCTC")
+    hf.save_pretrained(tmp_path / "saved")
+    loaded = from_huggingface(str(tmp_path / "saved"))
+    direct = from_huggingface(hf)
+    assert isinstance(loaded, CTCModel)
+    for key, value in direct.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key

@@ -163,3 +163,13 @@ def test_deepspeed_launcher_two_ranks(shards: Path, tmp_path: Path, stage: int) 
     assert sorted(metrics) == [1, 2, 3, 4] and all(m["loss"] > 0 for m in metrics.values())
     assert (out / "checkpoints" / "update_00000004" / "rank1.pt").is_file()
     assert load_model(out / "model.pt") is not None
+
+
+def test_the_job_pretrains_a_conformer(shards: Path, tmp_path: Path) -> None:
+    out = tmp_path / "conformer"
+    done = _run([f"model={REPO / 'configs/model/tiny_conformer.yaml'}", *_args(shards, out, max_updates=3)])
+    assert done.returncode == 0, done.stderr[-3000:]
+    model = load_model(out / "model.pt")
+    assert model.config.context.type == "conformer"
+    assert all(r["skipped_updates"] == 0 and r["loss"] > 0 for r in _metrics(out).values())
+    assert sorted(_metrics(out)) == [1, 2, 3]
