@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from speechssl.config import FeatureExtractorConfig, LossConfig, MaskingConfig, ModelConfig, QuantizerConfig
+from speechssl.interop.keys import rename
 from speechssl.models.context.conformer import ConformerConfig
 from speechssl.models.context.transformer import TransformerConfig
 from speechssl.models.ctc import CTCModel
@@ -57,20 +58,6 @@ _QKV = re.compile(r"context\.layers\.(\d+)\.attention\.qkv\.(weight|bias)")
 _HF_QKV = re.compile(r"encoder\.layers\.(\d+)\.attention\.([qkv])_proj\.(weight|bias)")
 _POINTWISE = re.compile(r"context\.layers\.\d+\.conv_module\.pointwise_conv[12]\.weight")
 _BASES = {"wav2vec2": "Wav2Vec2", "wav2vec2_conformer": "Wav2Vec2Conformer"}
-
-
-def _regex(template: str) -> str:
-    return re.escape(template).replace(r"\{i\}", r"(\d+)")
-
-
-def _rename(key: str, pairs: list[tuple[str, str]], to_hf: bool) -> str | None:
-    for ours, hf in pairs:
-        src, dst = (ours, hf) if to_hf else (hf, ours)
-        m = re.match(_regex(src), key)
-        if m:
-            rest = key[m.end():]
-            return dst.replace("{i}", m.group(1)) + rest if "{i}" in src else dst + rest
-    return None
 
 
 def _is_conformer(obj: Any) -> bool:
@@ -189,7 +176,7 @@ def _import_state(hf_state: dict[str, Tensor], prefix: str, conformer: bool, gro
         if inner is not None and (m := _HF_QKV.fullmatch(inner)):
             qkv.setdefault((m.group(1), m.group(3)), {})[m.group(2)] = value
             continue
-        new = _rename(inner, _pairs(conformer), to_hf=False) if inner is not None else _rename(key, _HEADS, False)
+        new = rename(inner, _pairs(conformer), reverse=True) if inner is not None else rename(key, _HEADS, reverse=True)
         if new is None:
             raise ValueError(f"unexpected Hugging Face parameter {key!r}")
         if new == "quantizer.codevectors":
@@ -213,10 +200,10 @@ def _export_state(state: dict[str, Tensor], prefix: str, conformer: bool) -> dic
             value = value.reshape(1, -1, value.shape[-1])
         elif _POINTWISE.fullmatch(key):
             value = value.unsqueeze(-1)
-        inner = _rename(key, _pairs(conformer), to_hf=True)
+        inner = rename(key, _pairs(conformer))
         if inner is not None:
             hf_state[prefix + inner] = value
-        elif (head := _rename(key, _HEADS, to_hf=True)) is not None:
+        elif (head := rename(key, _HEADS)) is not None:
             hf_state[head] = value
     return hf_state
 

@@ -14,42 +14,26 @@ import torch
 from torch import Tensor, nn
 
 from speechssl.config import FeatureExtractorConfig, ModelConfig
+from speechssl.interop.keys import rename
 from speechssl.models.context.transformer import TransformerConfig
 from speechssl.models.wav2vec2 import Wav2Vec2Model
 
-# (torchaudio key pattern, speechssl key template); q/k/v projections are fused separately.
+# (torchaudio key, speechssl key) prefixes; q/k/v projections are fused separately.
 _RENAMES = [
-    (r"feature_extractor\.conv_layers\.(\d+)\.conv\.", r"feature_extractor.blocks.\1.conv."),
-    (r"feature_extractor\.conv_layers\.(\d+)\.layer_norm\.", r"feature_extractor.blocks.\1.norm."),
-    (r"encoder\.feature_projection\.layer_norm\.", r"frontend.layer_norm."),
-    (r"encoder\.feature_projection\.projection\.", r"frontend.projection."),
-    (r"encoder\.transformer\.pos_conv_embed\.conv\.", r"context.pos_conv.conv."),
-    (r"encoder\.transformer\.layer_norm\.", r"context.layer_norm."),
-    (r"encoder\.transformer\.layers\.(\d+)\.attention\.out_proj\.", r"context.layers.\1.attention.out_proj."),
-    (r"encoder\.transformer\.layers\.(\d+)\.layer_norm\.", r"context.layers.\1.layer_norm."),
-    (r"encoder\.transformer\.layers\.(\d+)\.final_layer_norm\.", r"context.layers.\1.final_layer_norm."),
-    (r"encoder\.transformer\.layers\.(\d+)\.feed_forward\.intermediate_dense\.",
-     r"context.layers.\1.feed_forward.fc1."),
-    (r"encoder\.transformer\.layers\.(\d+)\.feed_forward\.output_dense\.", r"context.layers.\1.feed_forward.fc2."),
-    (r"aux\.", r"aux."),
+    ("feature_extractor.conv_layers.{i}.conv.", "feature_extractor.blocks.{i}.conv."),
+    ("feature_extractor.conv_layers.{i}.layer_norm.", "feature_extractor.blocks.{i}.norm."),
+    ("encoder.feature_projection.layer_norm.", "frontend.layer_norm."),
+    ("encoder.feature_projection.projection.", "frontend.projection."),
+    ("encoder.transformer.pos_conv_embed.conv.", "context.pos_conv.conv."),
+    ("encoder.transformer.layer_norm.", "context.layer_norm."),
+    ("encoder.transformer.layers.{i}.attention.out_proj.", "context.layers.{i}.attention.out_proj."),
+    ("encoder.transformer.layers.{i}.layer_norm.", "context.layers.{i}.layer_norm."),
+    ("encoder.transformer.layers.{i}.final_layer_norm.", "context.layers.{i}.final_layer_norm."),
+    ("encoder.transformer.layers.{i}.feed_forward.intermediate_dense.", "context.layers.{i}.feed_forward.fc1."),
+    ("encoder.transformer.layers.{i}.feed_forward.output_dense.", "context.layers.{i}.feed_forward.fc2."),
+    ("aux.", "aux."),
 ]
 _QKV = re.compile(r"encoder\.transformer\.layers\.(\d+)\.attention\.([qkv])_proj\.(weight|bias)")
-
-
-def _rename(key: str, forward: bool) -> str | None:
-    for ta, ours in _RENAMES:
-        src, dst = (ta, ours) if forward else (_pattern(ours), _template(ta))
-        if re.match(src, key):
-            return re.sub(src, dst, key, count=1)
-    return None
-
-
-def _pattern(template: str) -> str:
-    return template.replace(".", r"\.").replace(r"\1", r"(\d+)")
-
-
-def _template(pattern: str) -> str:
-    return pattern.replace(r"\.", ".").replace(r"(\d+)", r"\1")
 
 
 def _import_state_dict(ta_state: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -60,7 +44,7 @@ def _import_state_dict(ta_state: dict[str, Tensor]) -> dict[str, Tensor]:
         if m:
             qkv.setdefault((m.group(1), m.group(3)), {})[m.group(2)] = value
             continue
-        new = _rename(key, forward=True)
+        new = rename(key, _RENAMES)
         if new is None:
             raise ValueError(f"unexpected torchaudio parameter {key!r}")
         state[new] = value
@@ -77,7 +61,7 @@ def _export_state_dict(state: dict[str, Tensor]) -> dict[str, Tensor]:
             for name, part in zip("qkv", value.chunk(3), strict=True):
                 ta_state[f"encoder.transformer.layers.{m.group(1)}.attention.{name}_proj.{m.group(2)}"] = part
             continue
-        new = _rename(key, forward=False)
+        new = rename(key, _RENAMES, reverse=True)
         if new is not None:
             ta_state[new] = value
     return ta_state
