@@ -14,7 +14,6 @@ from torch import Tensor, nn
 
 from speechssl.config import ModelConfig, check, load_model_config, to_dict
 from speechssl.models.encoder import SpeechEncoder
-from speechssl.objectives.masking import compute_channel_mask, compute_span_mask
 
 FORMAT = "speechssl.CTCModel"
 
@@ -49,13 +48,10 @@ class CTCModel(SpeechEncoder):
                 check_values: bool | None = None) -> tuple[Tensor, Tensor | None]:
         features, padding_mask, frames = self._features(waveforms, lengths, check_values)
         time_mask = channel_mask = None
-        m = self.config.masking
-        if self.training and m.mask_prob > 0:
-            time_mask = compute_span_mask(features.shape[:2], m.mask_prob, m.mask_length, m.min_masks, frames,
-                                          False, m.mask_dropout, m.no_overlap, m.min_space, device=features.device)
-        if self.training and m.channel_prob > 0:
-            channel_mask = compute_channel_mask(features.shape[0], self.context.input_dim, m.channel_prob,
-                                                m.channel_length, device=features.device)
+        if self.training:
+            if self.config.masking.mask_prob > 0:
+                time_mask = self.compute_mask(frames, features.shape[:2], features.device, require_same_masks=False)
+            channel_mask = self.compute_channel_mask(features.shape[0], features.device)
         x, _ = self.frontend(features, time_mask, channel_mask)
         out = self.context(x, padding_mask)
         return self.lm_head(self.final_dropout(out.output)), self._lengths(out.padding_mask)

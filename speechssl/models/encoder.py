@@ -14,6 +14,7 @@ from speechssl.config import ModelConfig
 from speechssl.models.context import build_context
 from speechssl.models.feature_extractor import FeatureExtractor
 from speechssl.models.frontend import Frontend, GradMultiply
+from speechssl.objectives.masking import compute_channel_mask, compute_span_mask
 
 
 class SpeechEncoder(nn.Module):
@@ -108,6 +109,24 @@ class SpeechEncoder(nn.Module):
         x, _ = self.frontend(features)
         out = self.context(x, padding_mask)
         return out.output, self._lengths(out.padding_mask)
+
+    # ------------------------------------------------------------------ masking
+
+    def compute_mask(self, frames: Tensor | None, shape: tuple[int, int], device: torch.device,
+                     require_same_masks: bool | None = None) -> Tensor:
+        """The span mask ``(B, T)`` for rows of ``frames (B,)`` valid frames (config.masking);
+        ``require_same_masks`` overrides the config's."""
+        m = self.config.masking
+        same = m.require_same_masks if require_same_masks is None else require_same_masks
+        return compute_span_mask(shape, m.mask_prob, m.mask_length, m.min_masks, frames, same,
+                                 m.mask_dropout, m.no_overlap, m.min_space, device=device)
+
+    def compute_channel_mask(self, batch: int, device: torch.device) -> Tensor | None:
+        """The channel mask ``(B, D)`` of the context input, or None when channel masking is off."""
+        m = self.config.masking
+        if m.channel_prob <= 0:
+            return None
+        return compute_channel_mask(batch, self.context.input_dim, m.channel_prob, m.channel_length, device=device)
 
     # ------------------------------------------------------------------ training hooks
 

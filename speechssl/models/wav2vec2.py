@@ -12,7 +12,6 @@ from speechssl.config import ModelConfig, load_model_config, to_dict
 from speechssl.models.encoder import SpeechEncoder
 from speechssl.models.quantizer import GumbelVectorQuantizer
 from speechssl.objectives.losses import contrastive_logits, contrastive_loss, diversity_loss
-from speechssl.objectives.masking import compute_channel_mask, compute_span_mask
 from speechssl.objectives.negatives import Negatives, sample_negatives
 
 FORMAT = "speechssl.Wav2Vec2Model"
@@ -68,12 +67,6 @@ class Wav2Vec2Model(SpeechEncoder):
 
     # ------------------------------------------------------------------ pretraining
 
-    def compute_mask(self, frames: Tensor | None, shape: tuple[int, int], device: torch.device) -> Tensor:
-        """The span mask ``(B, T)`` for rows of ``frames (B,)`` valid frames (config.masking)."""
-        m = self.config.masking
-        return compute_span_mask(shape, m.mask_prob, m.mask_length, m.min_masks, frames, m.require_same_masks,
-                                 m.mask_dropout, m.no_overlap, m.min_space, device=device)
-
     def forward(self, waveforms: Tensor, lengths: Tensor | None = None, mask: Tensor | None = None,
                 negatives: Negatives | None = None, check_values: bool | None = None) -> PretrainOutput:
         """Pretraining step on ``waveforms (B, S)`` with valid ``lengths (B,)``.
@@ -88,10 +81,7 @@ class Wav2Vec2Model(SpeechEncoder):
         batch, length, _ = features.shape
         if mask is None:
             mask = self.compute_mask(frames, (batch, length), features.device)
-        channel_mask = None
-        if cfg.masking.channel_prob > 0:
-            channel_mask = compute_channel_mask(batch, self.context.input_dim, cfg.masking.channel_prob,
-                                                cfg.masking.channel_length, device=features.device)
+        channel_mask = self.compute_channel_mask(batch, features.device)
         x, normalized = self.frontend(features, mask, channel_mask)
         out = self.context(x, padding_mask)
         if out.output.shape[1] != length:

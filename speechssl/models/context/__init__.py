@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 
@@ -36,6 +37,24 @@ class ContextNetwork(nn.Module):
         """``x (B, T, input_dim)`` -> :class:`ContextOutput`; ``num_layers`` stops after that many
         layers (the output is then the last computed hidden state)."""
         raise NotImplementedError
+
+    def _check_num_layers(self, num_layers: int | None, total: int) -> None:
+        if num_layers is not None and not 0 < num_layers <= total:
+            raise ValueError(f"num_layers must be in [1, {total}], got {num_layers}")
+
+    def _drops_layer(self, layer_drop: float) -> bool:
+        """Layer drop: whether to skip the next layer. The draw is on the CPU generator, so it
+        costs no device synchronisation."""
+        return self.training and layer_drop > 0 and torch.rand(()).item() < layer_drop
+
+
+def init_bert_params(module: nn.Module) -> None:
+    """fairseq's ``init_bert_params`` for the Linear layers under ``module``: N(0, 0.02), zero bias."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, mean=0.0, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
 
 
 _REGISTRY: dict[str, tuple[type, type[ContextNetwork]]] = {}

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from speechssl.config import check
-from speechssl.models.context import ContextNetwork, ContextOutput, register_context
+from speechssl.models.context import ContextNetwork, ContextOutput, init_bert_params, register_context
 from speechssl.models.context.transformer import ConvPositionalEmbedding
 
 POSITION_EMBEDDINGS = ("relative", "rotary", "none")
@@ -287,11 +287,7 @@ class ConformerContext(ContextNetwork):
         self.dropout = nn.Dropout(config.dropout)
         self.layers = nn.ModuleList(ConformerLayer(config) for _ in range(config.num_layers))
         self.layer_norm = nn.LayerNorm(config.embed_dim, eps=config.layer_norm_eps)
-        for module in self.layers.modules():
-            if isinstance(module, nn.Linear):  # BERT initialisation, as fairseq's init_bert_params
-                nn.init.normal_(module.weight, mean=0.0, std=0.02)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
+        init_bert_params(self.layers)
 
     def change_attention(self, att_context_size: list[int]) -> None:
         """Switch between full (``[-1, -1]``) and local attention on a built or trained model; the
@@ -323,8 +319,7 @@ class ConformerContext(ContextNetwork):
 
     def forward(self, x: Tensor, padding_mask: Tensor | None = None,
                 num_layers: int | None = None) -> ContextOutput:
-        if num_layers is not None and not 0 < num_layers <= len(self.layers):
-            raise ValueError(f"num_layers must be in [1, {len(self.layers)}], got {num_layers}")
+        self._check_num_layers(num_layers, len(self.layers))
         if padding_mask is not None:
             x = x.masked_fill(padding_mask.unsqueeze(-1), 0.0)
         if self.pos_conv is not None:
@@ -336,8 +331,7 @@ class ConformerContext(ContextNetwork):
         conv_padding_mask = padding_mask if self.config.mask_padding_in_conv else None
         hidden_states = []
         for layer in self.layers[:num_layers]:
-            # The draw is on the CPU generator: no device synchronisation.
-            if not (self.training and self.config.layer_drop > 0 and torch.rand(()).item() < self.config.layer_drop):
+            if not self._drops_layer(self.config.layer_drop):
                 x = layer(x, allowed, position, conv_padding_mask)
             hidden_states.append(x)
         if num_layers is None:

@@ -9,13 +9,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import weight_norm
 
 from speechssl.config import check
-from speechssl.models.context import ContextNetwork, ContextOutput, register_context
+from speechssl.models.context import ContextNetwork, ContextOutput, init_bert_params, register_context
 
 
 @dataclass
@@ -146,15 +145,11 @@ class TransformerContext(ContextNetwork):
         self.dropout = nn.Dropout(config.dropout)
         self.layers = nn.ModuleList(TransformerLayer(config) for _ in range(config.num_layers))
         self.layer_drop = config.layer_drop
-        for module in self.layers.modules():
-            if isinstance(module, nn.Linear):  # BERT initialisation, as fairseq's init_bert_params
-                nn.init.normal_(module.weight, mean=0.0, std=0.02)
-                nn.init.zeros_(module.bias)
+        init_bert_params(self.layers)
 
     def forward(self, x: Tensor, padding_mask: Tensor | None = None,
                 num_layers: int | None = None) -> ContextOutput:
-        if num_layers is not None and not 0 < num_layers <= len(self.layers):
-            raise ValueError(f"num_layers must be in [1, {len(self.layers)}], got {num_layers}")
+        self._check_num_layers(num_layers, len(self.layers))
         attn_mask = None
         if padding_mask is not None:
             x = x.masked_fill(padding_mask.unsqueeze(-1), 0.0)
@@ -165,8 +160,7 @@ class TransformerContext(ContextNetwork):
         x = self.dropout(x)
         hidden_states = []
         for layer in self.layers[:num_layers]:
-            # The draw is on the CPU generator: no device synchronisation.
-            if not (self.training and self.layer_drop > 0 and torch.rand(()).item() < self.layer_drop):
+            if not self._drops_layer(self.layer_drop):
                 x = layer(x, attn_mask)
             hidden_states.append(x)
         if num_layers is None and self.config.layer_norm_first:
