@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import pytest
 
+from pretrain.config import PretrainConfig
 from pretrain.overfit import OverfitConfig
 from speechssl.config import ConfigError, ModelConfig, build, load_model_config
 from speechssl.models.context.transformer import TransformerConfig
@@ -30,6 +31,20 @@ def test_large_config_is_fairseq_large_lv60k() -> None:
     assert (ctx.num_layers, ctx.embed_dim, ctx.ffn_dim, ctx.num_heads) == (24, 1024, 4096, 16)
     assert cfg.extractor.mode == "layer_norm" and cfg.extractor.conv_bias
     assert ctx.layer_norm_first and cfg.final_dim == 768
+
+
+def test_stable_base_differs_from_base_in_layout_and_diversity_weight() -> None:
+    stable = load_model_config(str(MODELS / "base_transformer_stable.yaml"))
+    relaid = load_model_config(str(MODELS / "base_transformer.yaml"), [
+        "extractor.mode=layer_norm", "extractor.conv_bias=true", "context.layer_norm_first=true",
+        "loss.feature_penalty_weight=0.0", "feature_grad_mult=1.0", "loss.diversity_weight=0.5"])
+    assert stable == relaid
+
+
+@pytest.mark.parametrize("name", ["tiny", "base", "base_one_gpu", "large"])
+def test_shipped_pretrain_configs_load(name: str) -> None:
+    cfg = build(PretrainConfig, str(REPO / f"configs/pretrain/{name}.yaml"), [])
+    assert cfg.trainer.max_updates > 0 and cfg.data.shards and cfg.valid_shards
 
 
 def test_dotted_overrides_and_file_sections() -> None:

@@ -63,5 +63,6 @@ class HealthMonitor:
                 if abs(loss - start) <= self.plateau_tol * abs(start):
                     self._warn("plateau", f"update {update}: the contrastive loss {loss:.3f} has not moved from "
                                f"its initial {start:.3f}. Check the learning rate and warmup, the input "
-                               "normalisation (data.normalize) and that the audio is not silence. Deep models can also "
-                               "sit at chance for thousands of updates before the loss falls.")
+                               "normalisation (data.normalize) and that the audio is not silence. Deep post-LN models "
+                               "(fairseq's BASE layout) can sit at chance for thousands of updates on few GPUs; "
+                               "the pre-LN layout of configs/model/base_transformer_stable.yaml leaves it sooner.")
