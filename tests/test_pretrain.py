@@ -165,11 +165,12 @@ def test_deepspeed_launcher_two_ranks(shards: Path, tmp_path: Path, stage: int) 
     assert load_model(out / "model.pt") is not None
 
 
-def test_the_job_pretrains_a_conformer(shards: Path, tmp_path: Path) -> None:
-    out = tmp_path / "conformer"
-    done = _run([f"model={REPO / 'configs/model/tiny_conformer.yaml'}", *_args(shards, out, max_updates=3)])
+@pytest.mark.parametrize("context", ["conformer", "zipformer"])
+def test_the_job_pretrains_other_context_networks(shards: Path, tmp_path: Path, context: str) -> None:
+    out = tmp_path / context
+    done = _run([f"model={REPO / f'configs/model/tiny_{context}.yaml'}", *_args(shards, out, max_updates=3)])
     assert done.returncode == 0, done.stderr[-3000:]
     model = load_model(out / "model.pt")
-    assert model.config.context.type == "conformer"
+    assert model.config.context.type == context
     assert all(r["skipped_updates"] == 0 and r["loss"] > 0 for r in _metrics(out).values())
     assert sorted(_metrics(out)) == [1, 2, 3]

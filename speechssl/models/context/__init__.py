@@ -85,5 +85,5 @@ def build_context(config: Any) -> ContextNetwork:
     raise TypeError(f"no context network registered for {type(config).__name__}")
 
 
-# Each import registers its network ("transformer", "conformer").
-from speechssl.models.context import conformer, transformer  # noqa: E402, F401
+# Each import registers its network ("transformer", "conformer", "zipformer").
+from speechssl.models.context import conformer, transformer, zipformer  # noqa: E402, F401

@@ -1,0 +1,293 @@
+"""The Zipformer context network: stacks of Zipformer layers at different frame rates.
+
+Stack ``i`` runs at the input rate divided by ``downsampling_factor[i]`` (learned weighted-sum
+downsampling, upsampling by repetition, a learned bypass back to the input), in ``encoder_dim[i]``
+channels (the stream is cut or zero-padded between stacks). The output takes each channel from
+the latest stack that has it, so it has ``max(encoder_dim)`` channels, and is downsampled by
+``output_downsampling_factor`` (1 keeps the 50 Hz of the feature extractor, as pretraining
+needs; 2 gives icefall's 25 Hz).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from speechssl.config import check
+from speechssl.models.context import ContextNetwork, ContextOutput, register_context
+from speechssl.models.context.zipformer.layer import Bypass, ZipformerLayer, compact_relative_positions
+from speechssl.models.context.zipformer.scaling import FloatLike, ScheduledFloat, expand_per_stack
+
+
+@dataclass
+class ZipformerConfig:
+    """Names as in icefall's Zipformer2 (``--downsampling-factor`` etc.); per-stack lists take
+    one value per stack or a single value for all.
+
+    dropout: the feed-forward dropout, a number or a schedule ``[[update, value], ...]`` (default
+    0.3 falling to 0.1 at update 20k, as icefall). warmup_batches: the updates over which the
+    stacks' layers are warmed up one after another (their skip rate falls from 0.5).
+    causal: chunk-causal attention and convolutions; in training each batch draws ``chunk_size``
+    and ``left_context_frames`` (input frames; -1 = unlimited) from the lists, in eval the first
+    entries are used. Chunk sizes must be multiples of every downsampling factor.
+    """
+
+    type: str = "zipformer"
+    downsampling_factor: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 4, 2])
+    encoder_dim: list[int] = field(default_factory=lambda: [192, 256, 384, 512, 384, 256])
+    num_encoder_layers: list[int] = field(default_factory=lambda: [2, 2, 3, 4, 3, 2])
+    encoder_unmasked_dim: list[int] = field(default_factory=lambda: [192, 192, 256, 256, 256, 192])
+    num_heads: list[int] = field(default_factory=lambda: [4, 4, 4, 8, 4, 4])
+    query_head_dim: list[int] = field(default_factory=lambda: [32])
+    value_head_dim: list[int] = field(default_factory=lambda: [12])
+    pos_head_dim: list[int] = field(default_factory=lambda: [4])
+    pos_dim: int = 48
+    feedforward_dim: list[int] = field(default_factory=lambda: [512, 768, 1024, 1536, 1024, 768])
+    cnn_module_kernel: list[int] = field(default_factory=lambda: [31, 31, 15, 15, 15, 31])
+    output_downsampling_factor: int = 1
+    dropout: float | list[list[float]] = field(default_factory=lambda: [[0.0, 0.3], [20000.0, 0.1]])
+    warmup_batches: float = 4000.0
+    causal: bool = False
+    chunk_size: list[int] = field(default_factory=lambda: [-1])
+    left_context_frames: list[int] = field(default_factory=lambda: [-1])
+
+    def per_stack(self, name: str) -> list[int]:
+        return expand_per_stack(getattr(self, name), len(self.downsampling_factor), f"model.context.{name}")
+
+    def __post_init__(self) -> None:
+        key = "model.context."
+        stacks = len(self.downsampling_factor)
+        check(stacks >= 1 and all(d >= 1 for d in self.downsampling_factor), key + "downsampling_factor",
+              "must be a non-empty list of factors >= 1")
+        for name in ("encoder_dim", "num_encoder_layers", "encoder_unmasked_dim", "num_heads", "query_head_dim",
+                     "value_head_dim", "pos_head_dim", "feedforward_dim", "cnn_module_kernel"):
+            values = [getattr(self, name)] if isinstance(getattr(self, name), int) else getattr(self, name)
+            check(len(values) in (1, stacks), key + name, f"needs 1 or {stacks} values (one per stack)")
+            check(all(v > 0 for v in values), key + name, "values must be > 0")
+        check(all(k % 2 == 1 for k in self.per_stack("cnn_module_kernel")), key + "cnn_module_kernel", "must be odd")
+        unmasked, dims = self.per_stack("encoder_unmasked_dim"), self.per_stack("encoder_dim")
+        check(all(u <= d for u, d in zip(unmasked, dims, strict=True)), key + "encoder_unmasked_dim",
+              "must not exceed encoder_dim")
+        check(self.pos_dim % 2 == 0, key + "pos_dim", "must be even")
+        check(self.output_downsampling_factor >= 1, key + "output_downsampling_factor", "must be >= 1")
+        check(self.causal or (self.chunk_size == [-1] and self.left_context_frames == [-1]), key + "chunk_size",
+              "chunked attention needs causal: true")
+        for size in self.chunk_size:
+            check(size == -1 or (size > 0 and all(size % d == 0 for d in self.downsampling_factor)),
+                  key + "chunk_size", f"{size} is not -1 or a multiple of every downsampling factor")
+        for frames in self.left_context_frames:
+            for size in self.chunk_size:
+                if size > 0 and frames >= 0:
+                    chunks = max(1, frames // size)
+                    kernels = self.per_stack("cnn_module_kernel")
+                    need = max(k // 2 * d for k, d in zip(kernels, self.downsampling_factor, strict=True))
+                    check(chunks * size >= need, key + "left_context_frames",
+                          f"{frames} frames of left context with chunks of {size} cover less than the convolutions "
+                          f"need ({need} frames)")
+
+    def dropout_value(self) -> FloatLike:
+        if isinstance(self.dropout, (int, float)):
+            return float(self.dropout)
+        return ScheduledFloat(*[tuple(point) for point in self.dropout])
+
+
+def chunk_attention_mask(length: int, chunk_size: int, left_chunks: int, device: torch.device) -> Tensor | None:
+    """bool ``(T, T)``, True where query frame i may not see key frame j: keys in later chunks, or
+    more than ``left_chunks`` chunks back (-1: no limit). None for ``chunk_size <= 0``."""
+    if chunk_size <= 0:
+        return None
+    chunk = torch.arange(length, device=device) // chunk_size
+    ahead = chunk[None, :] > chunk[:, None]
+    if left_chunks < 0:
+        return ahead
+    return ahead | (chunk[None, :] < chunk[:, None] - left_chunks)
+
+
+class Downsample(nn.Module):
+    """``(B, T, C)`` -> ``(B, ceil(T / factor), C)``: a learned softmax-weighted sum over each
+    window of ``factor`` frames. Frames past each utterance's end repeat its last valid frame, so
+    the result does not depend on the padding of the batch."""
+
+    def __init__(self, factor: int):
+        super().__init__()
+        self.factor = factor
+        self.bias = nn.Parameter(torch.zeros(factor))
+
+    def forward(self, x: Tensor, padding_mask: Tensor | None = None) -> Tensor:
+        batch, length, channels = x.shape
+        if padding_mask is not None:
+            last = ((~padding_mask).sum(1) - 1).clamp(min=0)
+            last_frame = x.gather(1, last.view(batch, 1, 1).expand(batch, 1, channels))
+            x = torch.where(padding_mask.unsqueeze(-1), last_frame, x)
+        windows = -(-length // self.factor)
+        pad = windows * self.factor - length
+        if pad:
+            x = torch.cat((x, x[:, -1:].expand(batch, pad, channels)), dim=1)
+        weights = self.bias.softmax(0).view(1, 1, self.factor, 1)
+        return (x.view(batch, windows, self.factor, channels) * weights).sum(2)
+
+
+class ZipformerStack(nn.Module):
+    """``num_layers`` Zipformer layers at one frame rate, with their relative positions and the
+    per-layer warm-up of the skip rate (0.5 down to ``final_layerdrop_rate`` between
+    ``warmup_begin`` and ``warmup_end`` updates, one layer after the other)."""
+
+    def __init__(self, make_layer, num_layers: int, pos_dim: int, warmup_begin: float, warmup_end: float,
+                 final_layerdrop_rate: float):
+        super().__init__()
+        self.pos_dim = pos_dim
+        self.pos_dropout = nn.Dropout(0.15)
+        self.layers = nn.ModuleList(make_layer() for _ in range(num_layers))
+        step = (warmup_end - warmup_begin) / num_layers
+        for i, layer in enumerate(self.layers):
+            begin = warmup_begin + i * step
+            layer.bypass.skip_rate = ScheduledFloat((begin, 0.5), (begin + step, final_layerdrop_rate), default=0.0)
+
+    def positions(self, length: int, left: int, device: torch.device) -> Tensor:
+        """Encodings of offsets ``-(left + length - 1) .. length - 1``: ``(left + 2 length - 1, pos_dim)``."""
+        offsets = torch.arange(-(left + length - 1), length, device=device)
+        return self.pos_dropout(compact_relative_positions(offsets, self.pos_dim))
+
+    def forward(self, x: Tensor, padding_mask: Tensor | None, attn_mask: Tensor | None, chunk_size: int,
+                feature_mask: Tensor | float = 1.0, states: list[list[Tensor]] | None = None,
+                ) -> tuple[Tensor, list[list[Tensor]] | None]:
+        left = 0 if states is None else states[0][0].shape[1]
+        pos_emb = self.positions(x.shape[1], left, x.device).to(x.dtype)
+        x = x * feature_mask
+        new_states = None if states is None else []
+        for i, layer in enumerate(self.layers):
+            x, state = layer(x, pos_emb, padding_mask, attn_mask, chunk_size, None if states is None else states[i])
+            x = x * feature_mask
+            if new_states is not None:
+                new_states.append(state)
+        return x, new_states
+
+
+class DownsampledStack(nn.Module):
+    """A :class:`ZipformerStack` run at ``1 / factor`` of the frame rate: downsample, the stack,
+    upsample by repetition, then a learned bypass with the input."""
+
+    def __init__(self, encoder: ZipformerStack, dim: int, factor: int):
+        super().__init__()
+        self.factor = factor
+        self.downsample = Downsample(factor)
+        self.encoder = encoder
+        self.out_combiner = Bypass(dim)
+
+    def forward(self, x: Tensor, padding_mask: Tensor | None, attn_mask: Tensor | None, chunk_size: int,
+                feature_mask: Tensor | float = 1.0, states: list[list[Tensor]] | None = None,
+                ) -> tuple[Tensor, list[list[Tensor]] | None]:
+        """padding_mask: ``(B, T)`` at the input rate."""
+        length, f = x.shape[1], self.factor
+        y = self.downsample(x, padding_mask)
+        y, states = self.encoder(y, None if padding_mask is None else padding_mask[:, ::f],
+                                 None if attn_mask is None else attn_mask[::f, ::f],
+                                 chunk_size // f if chunk_size > 0 else chunk_size, feature_mask, states)
+        y = y.repeat_interleave(f, dim=1)[:, :length]
+        return self.out_combiner(x, y), states
+
+
+@register_context("zipformer", ZipformerConfig)
+class Zipformer(ContextNetwork):
+    """The Zipformer on ``(B, T, encoder_dim[0])`` frontend features. Hidden states are the
+    stacks' outputs, each ``(B, T, encoder_dim[i])`` at the input rate; the output is
+    ``(B, T / output_downsampling_factor, max(encoder_dim))``."""
+
+    def __init__(self, config: ZipformerConfig):
+        super().__init__()
+        self.config = config
+        c = config
+        factors = c.downsampling_factor
+        self.encoder_dim = c.per_stack("encoder_dim")
+        self.unmasked_dim = c.per_stack("encoder_unmasked_dim")
+        self.input_dim, self.output_dim = self.encoder_dim[0], max(self.encoder_dim)
+        dropout = c.dropout_value()
+        heads, query, value, pos = (c.per_stack(n) for n in ("num_heads", "query_head_dim", "value_head_dim",
+                                                              "pos_head_dim"))
+        ffn, kernels, layers = c.per_stack("feedforward_dim"), c.per_stack("cnn_module_kernel"), c.per_stack(
+            "num_encoder_layers")
+        stacks = []
+        for i, factor in enumerate(factors):
+            def make_layer(i: int = i) -> ZipformerLayer:
+                return ZipformerLayer(self.encoder_dim[i], c.pos_dim, heads[i], query[i], pos[i], value[i], ffn[i],
+                                      dropout, kernels[i], c.causal)
+
+            stack = ZipformerStack(make_layer, layers[i], c.pos_dim,
+                                   warmup_begin=c.warmup_batches * (i + 1) / (len(factors) + 1),
+                                   warmup_end=c.warmup_batches * (i + 2) / (len(factors) + 1),
+                                   final_layerdrop_rate=0.035 * factor ** 0.5)
+            stacks.append(stack if factor == 1 else DownsampledStack(stack, self.encoder_dim[i], factor))
+        self.encoders = nn.ModuleList(stacks)
+        self.downsample_output = Downsample(c.output_downsampling_factor)
+
+    # ------------------------------------------------------------------ training-time draws
+
+    def _feature_masks(self, x: Tensor) -> list[Tensor | float]:
+        """In training, per stack ``(B, 1, dim)``: on about 12% of sequences the channels above
+        ``encoder_unmasked_dim`` are zeroed (half of them on about twice as many), so the
+        network also learns to work in its smaller dimensions. 1.0 in eval."""
+        if not self.training:
+            return [1.0] * len(self.encoder_dim)
+        batch = x.shape[0]
+        keep1 = (torch.rand(batch, 1, 1, device=x.device) > 0.125).to(x.dtype)
+        keep2 = keep1 * (torch.rand(batch, 1, 1, device=x.device) > 0.125).to(x.dtype)
+        masks = []
+        for dim, unmasked in zip(self.encoder_dim, self.unmasked_dim, strict=True):
+            mask = x.new_ones(batch, 1, dim)
+            middle = unmasked + (dim - unmasked) // 2
+            mask[..., unmasked:middle] *= keep1
+            mask[..., middle:] *= keep2
+            masks.append(mask)
+        return masks
+
+    def chunk_config(self) -> tuple[int, int]:
+        """``(chunk_size, left_context_chunks)``: drawn from the config's lists in training, the
+        first entries in eval; ``(-1, -1)`` for a non-causal model."""
+        c = self.config
+        if not c.causal:
+            return -1, -1
+        pick = random.choice if self.training else (lambda values: values[0])
+        chunk_size = pick(c.chunk_size)
+        if chunk_size == -1:
+            return -1, -1
+        frames = pick(c.left_context_frames)
+        return chunk_size, (-1 if frames < 0 else max(1, frames // chunk_size))
+
+    # ------------------------------------------------------------------ forward
+
+    def _combine(self, outputs: list[Tensor]) -> Tensor:
+        """Each output channel from the latest stack that has it: ``(B, T, max(encoder_dim))``."""
+        pieces, dim = [outputs[-1]], self.encoder_dim[-1]
+        for out, d in zip(reversed(outputs[:-1]), reversed(self.encoder_dim[:len(outputs) - 1]), strict=True):
+            if d > dim:
+                pieces.append(out[..., dim:d])
+                dim = d
+        return torch.cat(pieces, dim=-1)
+
+    def forward(self, x: Tensor, padding_mask: Tensor | None = None,
+                num_layers: int | None = None) -> ContextOutput:
+        """``num_layers`` counts stacks here: the output is then that stack's output."""
+        self._check_num_layers(num_layers, len(self.encoders))
+        feature_masks = self._feature_masks(x)
+        chunk_size, left_chunks = self.chunk_config()
+        attn_mask = chunk_attention_mask(x.shape[1], chunk_size, left_chunks, x.device)
+        outputs = []
+        for i, stack in enumerate(self.encoders[:num_layers]):
+            x = _convert_channels(x, self.encoder_dim[i])
+            x, _ = stack(x, padding_mask, attn_mask, chunk_size, feature_masks[i])
+            outputs.append(x)
+        if num_layers is not None:
+            return ContextOutput(outputs[-1], outputs, padding_mask)
+        out = self.downsample_output(self._combine(outputs), padding_mask)
+        factor = self.config.output_downsampling_factor
+        return ContextOutput(out, outputs, None if padding_mask is None else padding_mask[:, ::factor])
+
+
+def _convert_channels(x: Tensor, channels: int) -> Tensor:
+    """Keep the first ``channels`` channels, or zero-pad up to them."""
+    if channels <= x.shape[-1]:
+        return x[..., :channels]
+    return torch.cat((x, x.new_zeros(*x.shape[:-1], channels - x.shape[-1])), dim=-1)

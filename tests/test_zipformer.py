@@ -1,0 +1,118 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from speechssl.models.context.zipformer import Zipformer, ZipformerConfig
+from tests.zipformer_reference import reference_module
+
+SMALL = dict(downsampling_factor=[1, 2, 4, 2], encoder_dim=[32, 48, 64, 48], num_encoder_layers=[1, 1, 2, 1],
+             encoder_unmasked_dim=[24, 32, 32, 32], num_heads=[4, 4, 4, 4], query_head_dim=[8], value_head_dim=[6],
+             pos_head_dim=[2], pos_dim=16, feedforward_dim=[64, 96, 128, 96], cnn_module_kernel=[7, 7, 5, 7])
+
+
+def _perturbed(model: torch.nn.Module, seed: int = 0) -> None:
+    """Random values everywhere, so a mis-mapped or unused parameter shows in the outputs."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=g))
+
+
+def _pair(causal: bool = False, chunk: int = -1, left: int = -1):
+    ref_module = reference_module()
+    lists = dict(SMALL)
+    ref = ref_module.Zipformer(output_downsampling_factor=2, pos_dim=lists.pop("pos_dim"),
+                               causal=causal, chunk_size=[chunk], left_context_frames=[left],
+                               **{k: tuple(v) for k, v in lists.items()})
+    _perturbed(ref)
+    ours = Zipformer(ZipformerConfig(**SMALL, output_downsampling_factor=2, causal=causal, chunk_size=[chunk],
+                                     left_context_frames=[left]))
+    state = {k: v.reshape(1) if k.endswith("norm.log_scale") else v  # (1,) here, a scalar there
+             for k, v in ref.state_dict().items()
+             if not k.endswith(tuple(f"layers.{j}.bypass_scale" for j in range(4)))}  # unused there
+    ours.load_state_dict(state, strict=True)
+    return ref.eval(), ours.eval()
+
+
+@pytest.mark.parametrize("causal,chunk,left", [(False, -1, -1), (True, 8, 16)])
+def test_matches_the_reference_zipformer(causal: bool, chunk: int, left: int) -> None:
+    ref, ours = _pair(causal, chunk, left)
+    torch.manual_seed(1)
+    x = torch.randn(2, 40, 32)
+    lengths = torch.tensor([40, 40])
+    with torch.no_grad():
+        expected, _ = ref(x.transpose(0, 1), lengths)
+        out = ours(x)
+    assert out.output.shape == (2, 20, 64)
+    torch.testing.assert_close(out.output, expected.transpose(0, 1), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("output_factor", [1, 2])
+def test_shapes_and_batch_invariance_for_odd_lengths(output_factor: int) -> None:
+    torch.manual_seed(0)
+    model = Zipformer(ZipformerConfig(**SMALL, output_downsampling_factor=output_factor))
+    _perturbed(model)
+    model.eval()
+    lengths = torch.tensor([37, 23, 11, 2])
+    x = torch.randn(4, 37, 32)
+    padding = torch.arange(37)[None] >= lengths[:, None]
+    with torch.no_grad():
+        batched = model(x, padding)
+        assert batched.output.shape == (4, -(-37 // output_factor), 64)
+        assert [h.shape for h in batched.hidden_states] == [(4, 37, d) for d in (32, 48, 64, 48)]
+        assert torch.equal((~batched.padding_mask).sum(1),
+                           -(-lengths // output_factor))
+        for i, n in enumerate(lengths.tolist()):
+            alone = model(x[i:i + 1, :n]).output[0]
+            torch.testing.assert_close(batched.output[i, :alone.shape[0]], alone, atol=1e-5, rtol=1e-5)
+
+
+def test_schedules_follow_the_update_count() -> None:
+    from speechssl.config import load_model_config
+    from speechssl.models.wav2vec2 import Wav2Vec2Model
+    from tests.conftest import REPO
+
+    model = Wav2Vec2Model(load_model_config(REPO / "configs/model/tiny_zipformer.yaml"))
+    layer = model.context.encoders[0].layers[0]
+    model.train()
+    model.set_num_updates(0)
+    def read() -> tuple[float, float, float]:
+        return (float(layer.attention_skip_rate), float(layer.bypass.scale_min),
+                float(layer.feed_forward1.out_proj.dropout))
+
+    early = read()
+    model.set_num_updates(30000)
+    late = read()
+    assert early == pytest.approx((0.2, 0.9, 0.3)) and late == pytest.approx((0.0, 0.2, 0.1))
+    model.eval()
+    assert float(layer.attention_skip_rate) == 0.0  # eval: the defaults
+
+
+def test_pretraining_step_with_a_zipformer() -> None:
+    from speechssl.config import load_model_config
+    from speechssl.models.wav2vec2 import Wav2Vec2Model
+    from tests.conftest import REPO
+
+    torch.manual_seed(0)
+    model = Wav2Vec2Model(load_model_config(REPO / "configs/model/tiny_zipformer.yaml"))
+    model.train()
+    model.set_num_updates(100_000)  # past the warm-up: no layer or module is skipped
+    out = model(torch.randn(2, 16000), torch.tensor([16000, 12000]))
+    out.loss.backward()
+    assert torch.isfinite(out.loss)
+    idle = [n for n, p in model.context.named_parameters() if p.grad is None or not bool(p.grad.abs().sum() > 0)]
+    assert idle == ["downsample_output.bias"]  # a softmax over one weight at output factor 1
+
+
+@pytest.mark.parametrize("override,words", [
+    (dict(chunk_size=[6], causal=True), "multiple of every downsampling factor"),
+    (dict(chunk_size=[8]), "needs causal: true"),
+    (dict(encoder_dim=[32, 48]), "one per stack"),
+    (dict(cnn_module_kernel=[6]), "must be odd"),
+])
+def test_config_errors_name_the_key(override: dict, words: str) -> None:
+    from speechssl.config import ConfigError
+
+    with pytest.raises(ConfigError, match=words):
+        ZipformerConfig(**{**SMALL, **override})
