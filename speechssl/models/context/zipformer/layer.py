@@ -279,9 +279,12 @@ class Bypass(nn.Module):
         return x_orig + (x - x_orig) * scale
 
 
-def _sequence_keep(x: Tensor, rate: float, training: bool) -> Tensor | None:
+def _sequence_keep(x: Tensor, rate: FloatLike, training: bool) -> Tensor | None:
     """A ``(B, 1, 1)`` 0/1 mask that drops whole sequences with probability ``rate`` in training."""
-    if not training or rate == 0.0:
+    if not training:
+        return None
+    rate = float(rate)
+    if rate == 0.0:
         return None
     return (torch.rand(x.shape[0], 1, 1, device=x.device) > rate).to(x.dtype)
 
@@ -342,7 +345,7 @@ class ZipformerLayer(nn.Module):
 
         weights, keys = self.self_attn_weights(x, pos_emb, padding_mask, attn_mask, cached_key)
         x = x + self.feed_forward1(x)
-        attn_keep = _sequence_keep(x, float(self.attention_skip_rate) if training else 0.0, training)
+        attn_keep = _sequence_keep(x, self.attention_skip_rate, training)
 
         first = weights[:, :1]
         if training and random.random() < float(self.const_attention_rate):
@@ -354,20 +357,20 @@ class ZipformerLayer(nn.Module):
         attn, values1 = self.self_attn1(x, weights, cached_v1)
         x = x + _apply(attn, attn_keep)
 
-        conv_keep = _sequence_keep(x, float(self.conv_skip_rate) if training else 0.0, training)
+        conv_keep = _sequence_keep(x, self.conv_skip_rate, training)
         conv, conv1 = self.conv_module1(x, frame_padding, chunk_size, conv1)
         x = x + _apply(conv, conv_keep)
-        ff2_keep = _sequence_keep(x, float(self.ff2_skip_rate) if training else 0.0, training)
+        ff2_keep = _sequence_keep(x, self.ff2_skip_rate, training)
         x = x + _apply(self.balancer_ff2(self.feed_forward2(x)), ff2_keep)
 
         x = self.bypass_mid(x_orig, x)
 
         attn, values2 = self.self_attn2(x, weights, cached_v2)
         x = x + _apply(attn, attn_keep)
-        conv_keep = _sequence_keep(x, float(self.conv_skip_rate) if training else 0.0, training)
+        conv_keep = _sequence_keep(x, self.conv_skip_rate, training)
         conv, conv2 = self.conv_module2(x, frame_padding, chunk_size, conv2)
         x = x + _apply(conv, conv_keep)
-        ff3_keep = _sequence_keep(x, float(self.ff3_skip_rate) if training else 0.0, training)
+        ff3_keep = _sequence_keep(x, self.ff3_skip_rate, training)
         x = x + _apply(self.balancer_ff3(self.feed_forward3(x)), ff3_keep)
 
         x = self.norm(self.balancer1(x))

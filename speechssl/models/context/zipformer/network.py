@@ -11,6 +11,7 @@ needs; 2 gives icefall's 25 Hz).
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -19,7 +20,17 @@ from torch import Tensor, nn
 from speechssl.config import check
 from speechssl.models.context import ContextNetwork, ContextOutput, register_context
 from speechssl.models.context.zipformer.layer import Bypass, ZipformerLayer, compact_relative_positions
-from speechssl.models.context.zipformer.scaling import FloatLike, ScheduledFloat, expand_per_stack
+from speechssl.models.context.zipformer.scaling import FloatLike, ScheduledFloat
+
+
+def expand_per_stack(values: Sequence[int] | int, stacks: int, name: str) -> list[int]:
+    """One value per encoder stack: a single value is repeated."""
+    values = [values] if isinstance(values, int) else list(values)
+    if len(values) == 1:
+        return values * stacks
+    if len(values) != stacks:
+        raise ValueError(f"{name} has {len(values)} values for {stacks} stacks")
+    return values
 
 
 @dataclass

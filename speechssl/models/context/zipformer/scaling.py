@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import math
 import random
-from collections.abc import Sequence
 from itertools import pairwise
 
 import torch
@@ -271,12 +270,3 @@ def whitening_schedule(limit: float, ratio: float = 2.0) -> ScheduledFloat:
     """A whitening limit that loosens from ``limit`` to ``ratio * limit`` over 20k updates."""
     return ScheduledFloat((0.0, limit), (20000.0, ratio * limit), default=limit)
 
-
-def expand_per_stack(values: Sequence[int] | int, stacks: int, name: str) -> list[int]:
-    """One value per encoder stack: a single value is repeated."""
-    values = [values] if isinstance(values, int) else list(values)
-    if len(values) == 1:
-        return values * stacks
-    if len(values) != stacks:
-        raise ValueError(f"{name} has {len(values)} values for {stacks} stacks")
-    return values
