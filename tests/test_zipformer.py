@@ -68,6 +68,73 @@ def test_shapes_and_batch_invariance_for_odd_lengths(output_factor: int) -> None
             torch.testing.assert_close(batched.output[i, :alone.shape[0]], alone, atol=1e-5, rtol=1e-5)
 
 
+def _stream(model: Zipformer, x: torch.Tensor, lengths: torch.Tensor, states: list[torch.Tensor],
+            chunk: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Feed ``x (B, T, C)`` chunk by chunk; the outputs concatenated over time and the last states."""
+    outputs = []
+    for start in range(0, x.shape[1], chunk):
+        out, _, states = model.streaming_forward(x[:, start:start + chunk], (lengths - start).clamp(0, chunk),
+                                                 states)
+        outputs.append(out)
+    return torch.cat(outputs, dim=1), states
+
+
+@pytest.mark.parametrize("output_factor,chunk,left", [(1, 8, 16), (2, 8, 16), (2, 16, 40)])
+def test_streaming_equals_the_full_causal_forward(output_factor: int, chunk: int, left: int) -> None:
+    torch.manual_seed(0)
+    model = Zipformer(ZipformerConfig(**SMALL, output_downsampling_factor=output_factor, causal=True,
+                                      chunk_size=[chunk], left_context_frames=[left]))
+    _perturbed(model)
+    model.eval()
+    lengths = torch.tensor([61, 30, 9])
+    x = torch.randn(3, 64, 32)
+    with torch.no_grad():
+        full = model(x, torch.arange(64)[None] >= lengths[:, None])
+        streamed, states = _stream(model, x, lengths, model.get_init_states(3), chunk)
+    assert streamed.shape == full.output.shape
+    assert torch.equal(states[-1], lengths)
+    for i, n in enumerate((-(-lengths // output_factor)).tolist()):
+        torch.testing.assert_close(streamed[i, :n], full.output[i, :n], atol=1e-4, rtol=1e-4)
+    # A limited left context matters: the last frames differ from those of unlimited context.
+    unlimited = Zipformer(ZipformerConfig(**SMALL, output_downsampling_factor=output_factor, causal=True,
+                                          chunk_size=[chunk], left_context_frames=[-1]))
+    unlimited.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert not torch.allclose(unlimited.eval()(x[:1]).output[0, -1], full.output[0, -1], atol=1e-3)
+
+
+def test_streaming_states_stack_and_unstack() -> None:
+    from speechssl.models.context.zipformer import stack_states, unstack_states
+
+    torch.manual_seed(0)
+    model = Zipformer(ZipformerConfig(**SMALL, causal=True, chunk_size=[8], left_context_frames=[16]))
+    _perturbed(model)
+    model.eval()
+    lengths = torch.tensor([40, 24])
+    x = torch.randn(2, 40, 32)
+    with torch.no_grad():
+        _, states = _stream(model, x, lengths, model.get_init_states(2), 8)
+        again = stack_states(unstack_states(states))
+        assert len(again) == len(states) and all(torch.equal(a, b) for a, b in zip(again, states, strict=True))
+        # Streams run alone, then batched mid-stream, continue exactly as the batch did.
+        alone = [_stream(model, x[i:i + 1, :24], lengths[i:i + 1].clamp(max=24), model.get_init_states(1), 8)[1]
+                 for i in range(2)]
+        batched, _ = _stream(model, x[:, 24:], (lengths - 24).clamp(min=0), stack_states(alone), 8)
+        reference, _ = _stream(model, x, lengths, model.get_init_states(2), 8)
+    torch.testing.assert_close(batched[0], reference[0, 24:], atol=1e-5, rtol=1e-5)
+
+
+def test_streaming_needs_a_causal_model_in_eval() -> None:
+    model = Zipformer(ZipformerConfig(**SMALL, causal=True, chunk_size=[8], left_context_frames=[16]))
+    with pytest.raises(RuntimeError, match="eval mode"):
+        model.get_init_states(1)
+    model.eval()
+    with pytest.raises(ValueError, match="chunks of chunk_size=8"):
+        model.streaming_forward(torch.zeros(1, 6, 32), torch.tensor([6]), model.get_init_states(1))
+    with pytest.raises(RuntimeError, match="causal Zipformer"):
+        Zipformer(ZipformerConfig(**SMALL)).eval().get_init_states(1)
+
+
 def test_schedules_follow_the_update_count() -> None:
     from speechssl.config import load_model_config
     from speechssl.models.wav2vec2 import Wav2Vec2Model

@@ -3,6 +3,6 @@ at the feature extractor's 50 Hz. ``network`` holds the stacks and the config, `
 Zipformer layer and its modules, ``scaling`` the schedules, BiasNorm, Swoosh activations and the
 gradient-only training aids."""
 
-from speechssl.models.context.zipformer.network import Zipformer, ZipformerConfig
+from speechssl.models.context.zipformer.network import Zipformer, ZipformerConfig, stack_states, unstack_states
 
-__all__ = ["Zipformer", "ZipformerConfig"]
+__all__ = ["Zipformer", "ZipformerConfig", "stack_states", "unstack_states"]

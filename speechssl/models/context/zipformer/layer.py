@@ -302,6 +302,7 @@ class ZipformerLayer(nn.Module):
                  value_head_dim: int, feedforward_dim: int, dropout: FloatLike, cnn_module_kernel: int,
                  causal: bool):
         super().__init__()
+        self.embed_dim, self.cnn_module_kernel = embed_dim, cnn_module_kernel
         self.bypass = Bypass(embed_dim)  # its skip rate is set by the stack (layer warm-up)
         self.bypass_mid = Bypass(embed_dim)
         self.attention_skip_rate = ScheduledFloat((0.0, 0.2), (4000.0, 0.05), (16000, 0.0), default=0)
@@ -329,12 +330,22 @@ class ZipformerLayer(nn.Module):
         self.whiten = Whiten(1, whitening_schedule(4.0, ratio=3.0), (0.025, 0.25), 0.01)
         self.balancer2 = Balancer(-1, 0.45, 0.55, min_abs=0.1, max_abs=4.0)
 
+    def init_state(self, batch_size: int, left_frames: int, device: torch.device | None = None) -> list[Tensor]:
+        """The streaming state before the first chunk, all zeros: keys ``(B, L, H*Dq)``, gated
+        non-linear attention inputs ``(B, L, 3C/4)``, values of each self-attention ``(B, L, H*Dv)``
+        and the two convolution caches ``(B, C, kernel // 2)``."""
+        weights, values = self.self_attn_weights, self.self_attn1.in_proj.out_features
+        widths = [weights.num_heads * weights.query_head_dim, self.nonlin_attention.hidden_channels, values, values]
+        conv_cache = (batch_size, self.embed_dim, self.cnn_module_kernel // 2)
+        return ([torch.zeros(batch_size, left_frames, width, device=device) for width in widths]
+                + [torch.zeros(conv_cache, device=device), torch.zeros(conv_cache, device=device)])
+
     def forward(self, x: Tensor, pos_emb: Tensor, padding_mask: Tensor | None = None,
                 attn_mask: Tensor | None = None, chunk_size: int = -1,
                 state: list[Tensor] | None = None) -> tuple[Tensor, list[Tensor] | None]:
         """x: ``(B, T, C)``; pos_emb: ``(L + 2T - 1, pos_dim)``; padding_mask: ``(B, L + T)``;
         attn_mask: ``(T, L + T)``. ``state`` (streaming, eval only): the six caches of
-        :meth:`Zipformer.get_init_states`; the new ones come back, else None."""
+        :meth:`init_state`; the new ones come back, else None."""
         training = self.training
         x_orig = x
         cached_key = cached_na = cached_v1 = cached_v2 = conv1 = conv2 = None

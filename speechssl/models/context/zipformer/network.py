@@ -188,12 +188,17 @@ class DownsampledStack(nn.Module):
         self.encoder = encoder
         self.out_combiner = Bypass(dim)
 
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.encoder.layers
+
     def forward(self, x: Tensor, padding_mask: Tensor | None, attn_mask: Tensor | None, chunk_size: int,
                 feature_mask: Tensor | float = 1.0, states: list[list[Tensor]] | None = None,
                 ) -> tuple[Tensor, list[list[Tensor]] | None]:
-        """padding_mask: ``(B, T)`` at the input rate."""
+        """x: ``(B, T, C)``; padding_mask: ``(B, L + T)`` at the input rate, ``L`` frames of left
+        context (streaming) then the frames of ``x``."""
         length, f = x.shape[1], self.factor
-        y = self.downsample(x, padding_mask)
+        y = self.downsample(x, None if padding_mask is None else padding_mask[:, padding_mask.shape[1] - length:])
         y, states = self.encoder(y, None if padding_mask is None else padding_mask[:, ::f],
                                  None if attn_mask is None else attn_mask[::f, ::f],
                                  chunk_size // f if chunk_size > 0 else chunk_size, feature_mask, states)
@@ -295,6 +300,79 @@ class Zipformer(ContextNetwork):
         out = self.downsample_output(self._combine(outputs), padding_mask)
         factor = self.config.output_downsampling_factor
         return ContextOutput(out, outputs, None if padding_mask is None else padding_mask[:, ::factor])
+
+
+    # ------------------------------------------------------------------ streaming
+
+    def streaming_context(self) -> tuple[int, int]:
+        """``(chunk_size, left_context)`` in input frames for streaming: the first entries of the
+        config's lists, with the left context rounded down to whole chunks as the full forward's
+        attention mask does."""
+        c = self.config
+        chunk_size, left_chunks = self.chunk_config() if c.causal and not self.training else (-1, -1)
+        if chunk_size <= 0 or left_chunks < 0:
+            raise RuntimeError("streaming needs a causal Zipformer in eval mode (model.eval()) whose first "
+                               f"chunk_size and left_context_frames are positive; got causal={c.causal}, "
+                               f"training={self.training}, chunk_size={c.chunk_size}, "
+                               f"left_context_frames={c.left_context_frames}")
+        factor = self.config.output_downsampling_factor
+        if chunk_size % factor:
+            raise RuntimeError(f"chunk_size {chunk_size} is not a multiple of output_downsampling_factor {factor}")
+        return chunk_size, left_chunks * chunk_size
+
+    def get_init_states(self, batch_size: int = 1, device: torch.device | None = None) -> list[Tensor]:
+        """The states before the first chunk: for every layer of every stack (in order) its six
+        caches (see :meth:`ZipformerLayer.init_state`), holding ``left_context / downsampling_factor``
+        frames, then the number of frames processed so far ``(B,)``. Every tensor is batch-first."""
+        _, left = self.streaming_context()
+        states = []
+        for stack, factor in zip(self.encoders, self.config.downsampling_factor, strict=True):
+            for layer in stack.layers:
+                states += layer.init_state(batch_size, left // factor, device)
+        states.append(torch.zeros(batch_size, dtype=torch.long, device=device))
+        return states
+
+    def streaming_forward(self, x: Tensor, lengths: Tensor, states: list[Tensor],
+                          ) -> tuple[Tensor, Tensor, list[Tensor]]:
+        """One chunk of a stream. x: ``(B, chunk_size, input_dim)``; lengths ``(B,)``: valid frames
+        in the chunk (less than ``chunk_size`` only in an utterance's last chunk). Returns the
+        output ``(B, chunk_size / output_downsampling_factor, output_dim)``, its valid lengths and
+        the new states. The outputs equal those of the full forward with the same chunk size and
+        left context."""
+        chunk_size, left = self.streaming_context()
+        batch, length, _ = x.shape
+        if length != chunk_size:
+            raise ValueError(f"streaming_forward takes chunks of chunk_size={chunk_size} frames (pad the last one "
+                             f"and give its length), got {length}")
+        processed = states[-1]
+        # Cache slots are filled from the right; those no frame has reached yet are padding.
+        cache_padding = torch.arange(left, device=x.device) < left - processed.unsqueeze(1)
+        frame_padding = torch.arange(length, device=x.device) >= lengths.unsqueeze(1)
+        padding_mask = torch.cat((cache_padding, frame_padding), dim=1)
+        outputs, new_states, offset = [], [], 0
+        for i, stack in enumerate(self.encoders):
+            layers = len(stack.layers)
+            layer_states = [states[offset + 6 * j: offset + 6 * (j + 1)] for j in range(layers)]
+            offset += 6 * layers
+            x = _convert_channels(x, self.encoder_dim[i])
+            x, stack_states = stack(x, padding_mask, None, chunk_size, 1.0, layer_states)
+            new_states += [tensor for state in stack_states for tensor in state]
+            outputs.append(x)
+        factor = self.config.output_downsampling_factor
+        out = self.downsample_output(self._combine(outputs), frame_padding)
+        new_states.append(processed + lengths)
+        return out, (lengths + factor - 1) // factor, new_states
+
+
+def stack_states(states: Sequence[list[Tensor]]) -> list[Tensor]:
+    """Batch the streaming states of several streams (each from :meth:`Zipformer.get_init_states`
+    or :meth:`Zipformer.streaming_forward`) into one."""
+    return [torch.cat(tensors, dim=0) for tensors in zip(*states, strict=True)]
+
+
+def unstack_states(states: list[Tensor]) -> list[list[Tensor]]:
+    """Split batched streaming states into one state (batch size 1) per stream."""
+    return [[tensor[b:b + 1] for tensor in states] for b in range(states[-1].shape[0])]
 
 
 def _convert_channels(x: Tensor, channels: int) -> Tensor:
