@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import math
-import random
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +27,7 @@ from speechssl.models.context.zipformer.scaling import (
     scaled_linear,
     swoosh_l,
     swoosh_r,
+    uniform,
     whitening_schedule,
 )
 
@@ -79,7 +79,7 @@ class RelPositionAttentionWeights(nn.Module):
         q = q.view(batch, length, heads, dq).transpose(1, 2)
         k = k.view(batch, sources, heads, dq).permute(0, 2, 3, 1)
         scores = q @ k  # (B, H, T, S)
-        if not self.training or random.random() >= float(self.pos_emb_skip_rate):
+        if not self.training or uniform() >= float(self.pos_emb_skip_rate):
             pos = self.linear_pos(pos_emb).view(-1, heads, dp).permute(1, 2, 0)  # (H, Dp, L + 2T - 1)
             p = p.view(batch, length, heads, dp).transpose(1, 2)
             pos_scores = (p @ pos).contiguous()  # (B, H, T, L + 2T - 1), by relative offset
@@ -87,7 +87,7 @@ class RelPositionAttentionWeights(nn.Module):
             # Query i, source j reads offset j - i - L: column (T - 1) - i + j.
             scores = scores + pos_scores.as_strided((batch, heads, length, sources), (s0, s1, s2 - s3, s3),
                                                     storage_offset=s3 * (length - 1))
-        if self.training and random.random() < 0.1:
+        if self.training and uniform() < 0.1:
             scores = penalize_abs_values_gt(scores, limit=25.0, penalty=1e-4)
         if attn_mask is not None:
             scores = scores.masked_fill(attn_mask, MASKED_SCORE)
@@ -359,7 +359,7 @@ class ZipformerLayer(nn.Module):
         attn_keep = _sequence_keep(x, self.attention_skip_rate, training)
 
         first = weights[:, :1]
-        if training and random.random() < float(self.const_attention_rate):
+        if training and uniform() < float(self.const_attention_rate):
             # Uniform weights over the attended frames: the module learns to average over time.
             first = (first > 0.0).to(first.dtype)
             first = first / first.sum(-1, keepdim=True)

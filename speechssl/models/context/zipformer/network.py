@@ -10,9 +10,10 @@ needs; 2 gives icefall's 25 Hz).
 
 from __future__ import annotations
 
-import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from itertools import pairwise
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -59,7 +60,8 @@ class ZipformerConfig:
     feedforward_dim: list[int] = field(default_factory=lambda: [512, 768, 1024, 1536, 1024, 768])
     cnn_module_kernel: list[int] = field(default_factory=lambda: [31, 31, 15, 15, 15, 31])
     output_downsampling_factor: int = 1
-    dropout: float | list[list[float]] = field(default_factory=lambda: [[0.0, 0.3], [20000.0, 0.1]])
+    # A number or a list of pairs: OmegaConf cannot type that union, so it is checked below.
+    dropout: Any = field(default_factory=lambda: [[0.0, 0.3], [20000.0, 0.1]])
     warmup_batches: float = 4000.0
     causal: bool = False
     chunk_size: list[int] = field(default_factory=lambda: [-1])
@@ -83,6 +85,12 @@ class ZipformerConfig:
         check(all(u <= d for u, d in zip(unmasked, dims, strict=True)), key + "encoder_unmasked_dim",
               "must not exceed encoder_dim")
         check(self.pos_dim % 2 == 0, key + "pos_dim", "must be even")
+        if not isinstance(self.dropout, (int, float)):
+            points = [list(point) for point in self.dropout]
+            check(len(points) >= 1 and all(len(p) == 2 and 0 <= p[1] < 1 for p in points)
+                  and all(a[0] < b[0] for a, b in pairwise(points)), key + "dropout",
+                  "must be a number in [0, 1) or a schedule [[update, value], ...] with increasing updates")
+            self.dropout = points
         check(self.output_downsampling_factor >= 1, key + "output_downsampling_factor", "must be >= 1")
         check(self.causal or (self.chunk_size == [-1] and self.left_context_frames == [-1]), key + "chunk_size",
               "chunked attention needs causal: true")
@@ -265,7 +273,9 @@ class Zipformer(ContextNetwork):
         c = self.config
         if not c.causal:
             return -1, -1
-        pick = random.choice if self.training else (lambda values: values[0])
+        def pick(values: list[int]) -> int:
+            return values[int(torch.randint(len(values), ())) if self.training else 0]
+
         chunk_size = pick(c.chunk_size)
         if chunk_size == -1:
             return -1, -1
@@ -340,7 +350,7 @@ class Zipformer(ContextNetwork):
         the new states. The outputs equal those of the full forward with the same chunk size and
         left context."""
         chunk_size, left = self.streaming_context()
-        batch, length, _ = x.shape
+        length = x.shape[1]
         if length != chunk_size:
             raise ValueError(f"streaming_forward takes chunks of chunk_size={chunk_size} frames (pad the last one "
                              f"and give its length), got {length}")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import math
-import random
 from itertools import pairwise
 
 import torch
@@ -17,6 +16,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 log = logging.getLogger(__name__)
+
+
+def uniform() -> float:
+    """A draw from U(0, 1) on torch's CPU generator, so ``torch.manual_seed`` and the checkpointed
+    RNG state fix the random choices of training (and no device synchronisation is needed)."""
+    return torch.rand(()).item()
 
 
 class ScheduledFloat(nn.Module):
@@ -131,7 +136,7 @@ class _LimitParamValue(torch.autograd.Function):
 def limit_param_value(x: Tensor, low: float, high: float, training: bool, prob: float = 0.6) -> Tensor:
     """``x`` unchanged; in training, on a fraction ``prob`` of calls, gradients that would push
     elements further outside ``[low, high]`` are reversed."""
-    if training and random.random() < prob:
+    if training and uniform() < prob:
         return _LimitParamValue.apply(x, low, high)
     return x
 
@@ -204,7 +209,7 @@ class Balancer(nn.Module):
         self.prob = ScheduledFloat((0.0, 0.5), (8000.0, 0.125), default=0.4) if prob is None else prob
 
     def forward(self, x: Tensor) -> Tensor:
-        if not (self.training and x.requires_grad) or random.random() >= float(self.prob):
+        if not (self.training and x.requires_grad) or uniform() >= float(self.prob):
             return x
         return _BalancerFunction.apply(
             x, _proportion_positive_to_mean(float(self.min_positive)),
@@ -261,7 +266,7 @@ class Whiten(nn.Module):
         self.prob = self.max_prob
 
     def forward(self, x: Tensor) -> Tensor:
-        if not (self.training and x.requires_grad) or random.random() > self.prob or float(self.grad_scale) == 0:
+        if not (self.training and x.requires_grad) or uniform() > self.prob or float(self.grad_scale) == 0:
             return x
         return _WhiteningPenalty.apply(x, self)
 
