@@ -19,16 +19,19 @@ import torch
 from data_tools.synthetic import generate_batch
 from speechssl.config import ConfigError, ModelConfig, build, check
 from speechssl.models.wav2vec2 import PretrainOutput, Wav2Vec2Model
+from speechssl.training.scaled_adam import ScaledAdam
 
 
 @dataclass
 class OverfitConfig:
     """model: the model section (or the path of a model YAML). steps: updates on the fixed batch.
     batch_size / seconds: the batch (lengths fall from ``seconds`` to 70% of it, so it is padded).
-    lr, warmup_steps, weight_decay, clip_norm: AdamW (betas 0.9/0.98, eps 1e-6, as fairseq) with
-    linear warmup then constant. threads: torch CPU threads (0 keeps torch's default)."""
+    optimizer: ``adamw`` (betas 0.9/0.98, eps 1e-6 as fairseq; weight_decay, gradients clipped to
+    clip_norm) or ``scaled_adam`` (icefall's defaults, its own clipping), both at ``lr`` with linear
+    warmup then constant. threads: torch CPU threads (0 keeps torch's default)."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
+    optimizer: str = "adamw"
     steps: int = 200
     batch_size: int = 4
     seconds: float = 2.0
@@ -45,6 +48,7 @@ class OverfitConfig:
         check(self.batch_size >= 1, "batch_size", "must be >= 1")
         check(self.seconds > 0.1, "seconds", "must be > 0.1")
         check(self.lr > 0, "lr", "must be > 0")
+        check(self.optimizer in ("adamw", "scaled_adam"), "optimizer", "must be adamw or scaled_adam")
         check(self.log_every >= 1, "log_every", "must be >= 1")
 
 
@@ -73,8 +77,11 @@ def run(config: OverfitConfig, echo: bool = True) -> list[dict[str, float]]:
     waves, lengths = generate_batch(config.batch_size, config.seconds, seed=config.seed)
     waves, lengths = torch.from_numpy(waves), torch.from_numpy(lengths)
     model = Wav2Vec2Model(config.model).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=(0.9, 0.98), eps=1e-6,
-                                  weight_decay=config.weight_decay)
+    if config.optimizer == "scaled_adam":
+        optimizer = ScaledAdam(model.parameters(), lr=config.lr)
+    else:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=(0.9, 0.98), eps=1e-6,
+                                      weight_decay=config.weight_decay)
     warmup = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / max(config.warmup_steps, 1)))
     if echo:
@@ -88,7 +95,8 @@ def run(config: OverfitConfig, echo: bool = True) -> list[dict[str, float]]:
         out = model(waves, lengths)
         optimizer.zero_grad(set_to_none=True)
         (out.loss / out.sample_size.clamp_min(1)).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip_norm)
+        if config.optimizer == "adamw":
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip_norm)
         optimizer.step()
         warmup.step()
         entry = log_line(step, out)

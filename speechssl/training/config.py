@@ -5,8 +5,24 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 from speechssl.config import REPO_CONFIG_DIR, ConfigError, check
+
+
+@dataclass
+class ScaledAdamConfig:
+    """ScaledAdam's own settings (icefall's defaults); its betas are ``trainer.adam_betas`` and its
+    learning rate ``trainer.lr``. See :mod:`speechssl.training.scaled_adam`."""
+
+    clipping_scale: Optional[float] = 2.0  # noqa: UP045  (OmegaConf needs typing.Optional)
+    scalar_lr_scale: float = 0.1
+    eps: float = 1e-8
+    param_min_rms: float = 1e-5
+    param_max_rms: float = 3.0
+    scalar_max: float = 10.0
+    size_update_period: int = 4
+    clipping_update_period: int = 100
 
 
 @dataclass
@@ -16,9 +32,16 @@ class TrainerConfig:
     schedule come from this section, never from the JSON.
     max_updates / update_freq: optimizer updates, and micro-batches accumulated per update
     (fairseq ``max_update`` / ``update_freq``).
+    optimizer: ``adamw`` (adam_betas, adam_eps, weight_decay; no decay on biases and norms) or
+    ``scaled_adam`` (icefall's, for the Zipformer: adam_betas and the ``scaled_adam`` section; it
+    needs ZeRO stage 0 and fp32 weights, so bf16 through ``torch_autocast``, e.g.
+    configs/deepspeed/scaled_adam_bf16.json).
     lr, warmup_updates, lr_schedule (``polynomial``: linear warmup then linear decay to end_lr, fairseq
     ``polynomial_decay``; ``constant``: warmup then flat; ``tri_stage``: fairseq's, with
-    tri_stage_ratios and init/final scales), AdamW adam_betas / adam_eps / weight_decay.
+    tri_stage_ratios and init/final scales; ``eden``: icefall's Eden, ``lr`` times
+    ``((u^2 + B^2) / B^2)^-0.25 ((h^2 + H^2) / H^2)^-0.25`` after ``u`` updates and ``h`` hours of
+    audio (estimated from data.max_tokens), B = eden_lr_batches, H = eden_lr_hours, with a linear
+    warmup from eden_warmup_start over warmup_updates).
     validate_every / checkpoint_every / log_every: in updates (0 = never; a checkpoint is always
     written at the end). keep_checkpoints: the last k are kept. resume: ``auto`` (latest in
     output_dir/checkpoints, if any), ``none``, or a checkpoint folder. device: ``auto`` (the local
@@ -33,6 +56,8 @@ class TrainerConfig:
     deepspeed: str = "configs/deepspeed/zero1_bf16.json"
     max_updates: int = 400_000
     update_freq: int = 1
+    optimizer: str = "adamw"
+    scaled_adam: ScaledAdamConfig = field(default_factory=ScaledAdamConfig)
     lr: float = 5e-4
     warmup_updates: int = 32_000
     lr_schedule: str = "polynomial"
@@ -40,6 +65,9 @@ class TrainerConfig:
     tri_stage_ratios: list[float] = field(default_factory=lambda: [0.1, 0.4, 0.5])
     init_lr_scale: float = 0.01
     final_lr_scale: float = 0.05
+    eden_lr_batches: float = 7500.0
+    eden_lr_hours: float = 50_000.0
+    eden_warmup_start: float = 0.1
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
     adam_eps: float = 1e-6
     weight_decay: float = 0.01
@@ -60,8 +88,13 @@ class TrainerConfig:
         check(self.update_freq >= 1, "trainer.update_freq", "must be >= 1")
         check(self.lr > 0, "trainer.lr", "must be > 0")
         check(self.warmup_updates >= 0, "trainer.warmup_updates", "must be >= 0")
-        check(self.lr_schedule in ("polynomial", "constant", "tri_stage"), "trainer.lr_schedule",
-              f"must be polynomial, constant or tri_stage, got {self.lr_schedule!r}")
+        check(self.optimizer in ("adamw", "scaled_adam"), "trainer.optimizer",
+              f"must be adamw or scaled_adam, got {self.optimizer!r}")
+        check(self.lr_schedule in ("polynomial", "constant", "tri_stage", "eden"), "trainer.lr_schedule",
+              f"must be polynomial, constant, tri_stage or eden, got {self.lr_schedule!r}")
+        check(self.eden_lr_batches > 0 and self.eden_lr_hours > 0, "trainer.eden_lr_batches",
+              "eden_lr_batches and eden_lr_hours must be > 0")
+        check(0 <= self.eden_warmup_start <= 1, "trainer.eden_warmup_start", "must be in [0, 1]")
         check(len(self.tri_stage_ratios) == 3 and abs(sum(self.tri_stage_ratios) - 1) < 1e-6,
               "trainer.tri_stage_ratios", "three fractions (warmup, hold, decay) adding up to 1")
         check(len(self.adam_betas) == 2 and all(0 <= b < 1 for b in self.adam_betas), "trainer.adam_betas",
@@ -108,6 +141,15 @@ def deepspeed_config(trainer: TrainerConfig, on_gpu: bool) -> dict:
     check(on_gpu or not fp16, where, "enables fp16, which needs a GPU; use a *_fp32.json config on the CPU")
     stage = ds.get("zero_optimization", {}).get("stage", 0)
     check(stage in (0, 1, 2), where, f"ZeRO stage {stage} is not supported (0, 1 or 2)")
+    if ds.get("torch_autocast", {}).get("enabled", False):
+        check(not (fp16 or bf16), where, "enables torch_autocast together with fp16 or bf16")
+        check(ds["torch_autocast"].get("dtype", "bfloat16") in ("bfloat16", "torch.bfloat16"), where,
+              "torch_autocast is supported with dtype bfloat16 only")
+    if trainer.optimizer == "scaled_adam":
+        check(stage == 0 and not (fp16 or bf16), where,
+              "trainer.optimizer scaled_adam needs each parameter tensor whole and in fp32: ZeRO stage 0 without "
+              "fp16/bf16 (DeepSpeed flattens the parameters for those); use torch_autocast for bf16, e.g. "
+              "configs/deepspeed/scaled_adam_bf16.json")
     ds = dict(ds)
     ds["gradient_accumulation_steps"] = trainer.update_freq
     ds["train_micro_batch_size_per_gpu"] = 1
@@ -117,8 +159,11 @@ def deepspeed_config(trainer: TrainerConfig, on_gpu: bool) -> dict:
 
 
 def precision(ds: dict) -> str:
+    """``fp16``, ``bf16`` (weights in bf16), ``bf16-autocast`` (fp32 weights, bf16 compute) or ``fp32``."""
     if ds.get("fp16", {}).get("enabled", False):
         return "fp16"
     if ds.get("bf16", {}).get("enabled", False):
         return "bf16"
+    if ds.get("torch_autocast", {}).get("enabled", False):
+        return "bf16-autocast"
     return "fp32"

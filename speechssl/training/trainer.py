@@ -10,6 +10,7 @@ resume, logs (progress bar, TensorBoard, ``metrics.jsonl``) and the final export
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -27,6 +28,7 @@ from speechssl.data.loader import AudioBatch, AudioLoader
 from speechssl.training import checkpoint
 from speechssl.training.config import TrainerConfig, deepspeed_config, precision
 from speechssl.training.distributed import all_reduce_sum, barrier, init_distributed, pick_device
+from speechssl.training.scaled_adam import ScaledAdam
 from speechssl.training.schedule import lr_lambda
 
 log = logging.getLogger("speechssl.train")
@@ -83,7 +85,8 @@ class Trainer:
         self.ckpt_root = self.output / "checkpoints"
         self.ds_config = deepspeed_config(config, on_gpu=self.device.type == "cuda")
         self.precision = precision(self.ds_config)
-        self.dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[self.precision]
+        # The inputs' dtype: with autocast the weights stay fp32 and so do the inputs.
+        self.dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.precision, torch.float32)
         self.stage = self.ds_config.get("zero_optimization", {}).get("stage", 0)
         self.update = 0
         self.skipped = 0
@@ -98,16 +101,28 @@ class Trainer:
             torch.set_num_threads(self.cfg.threads)
         torch.manual_seed(self.cfg.seed)
         model = self.task.build_model()
-        decay, no_decay = [], []
-        for name, p in model.named_parameters():  # no weight decay on biases, norms, embeddings
-            (no_decay if p.ndim < 2 or name.endswith(".bias") else decay).append(p)
-        optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": self.cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=self.cfg.lr, betas=tuple(self.cfg.adam_betas), eps=self.cfg.adam_eps)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(self.cfg))
+        optimizer = self._optimizer(model)
+        stream = self.train_loader.stream
+        # An upper bound, as icefall's estimate from its batch duration: batches are padded.
+        hours_per_update = (stream.config.max_tokens * self.cfg.update_freq * self.world_size
+                            / stream.shardset.sample_rate / 3600)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(self.cfg, hours_per_update))
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config,
             dist_init_required=False)
+
+    def _optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+        c = self.cfg
+        params = [p for p in model.parameters() if p.requires_grad]
+        if c.optimizer == "scaled_adam":
+            return ScaledAdam(params, lr=c.lr, betas=tuple(c.adam_betas), **dataclasses.asdict(c.scaled_adam))
+        decay, no_decay = [], []
+        for name, p in model.named_parameters():  # no weight decay on biases, norms, embeddings
+            if p.requires_grad:
+                (no_decay if p.ndim < 2 or name.endswith(".bias") else decay).append(p)
+        return torch.optim.AdamW(
+            [{"params": decay, "weight_decay": c.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=c.lr, betas=tuple(c.adam_betas), eps=c.adam_eps)
 
     def _resume(self) -> None:
         choice = self.cfg.resume
