@@ -11,15 +11,18 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from data_tools.shards import ShardOptions, make_shards
 from data_tools.synthetic import corpus_entries
 from pretrain.__main__ import load_config
 from speechssl import load_model
 from speechssl.config import ConfigError
+from speechssl.training.schedule import eden
 from tests.conftest import REPO
 
 CONFIG = str(REPO / "configs/pretrain/tiny.yaml")
+HOURS_PER_UPDATE = 96000 / 16000 / 3600  # data.max_tokens of _args at 16 kHz
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
 
 
@@ -41,11 +44,12 @@ def _args(shards: Path, out: Path, **trainer) -> list[str]:
             *(f"trainer.{k}={v}" for k, v in settings.items())]
 
 
-def _run(args: list[str], launcher: list[str] | None = None, script: str | None = None) -> subprocess.CompletedProcess:
+def _run(args: list[str], launcher: list[str] | None = None, script: str | None = None,
+         config: str = CONFIG) -> subprocess.CompletedProcess:
     if script is not None:
         cmd = [sys.executable, "-c", script, *args]
     else:
-        cmd = [*(launcher or [sys.executable, "-m"]), "pretrain", "--config", CONFIG, *args]
+        cmd = [*(launcher or [sys.executable, "-m"]), "pretrain", "--config", config, *args]
     return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=ENV, check=False, timeout=600)
 
 
@@ -62,6 +66,8 @@ def test_config_errors_are_clear_before_any_model(shards: Path, tmp_path: Path) 
         ([f"data.shards=[{tmp_path / 'nowhere'}]"], "data.shards: shard directory"),
         ([f"valid_shards=[{tmp_path}]"], "valid_shards:"),
         (["trainer.update_freq=0"], "trainer.update_freq: must be >= 1"),
+        (["trainer.optimizer=scaled_adam"], "scaled_adam needs each parameter tensor whole and in fp32"),
+        (["trainer.lr_schedule=cosine"], "must be polynomial, constant, tri_stage or eden"),
     ]
     for extra, message in cases:
         with pytest.raises(ConfigError) as err:
@@ -74,6 +80,8 @@ def test_config_errors_are_clear_before_any_model(shards: Path, tmp_path: Path) 
         ({"zero_optimization": {"stage": 1}}, "gradient_clipping explicitly"),
         ({"fp16": {"enabled": True}, "gradient_clipping": 1.0}, "needs a GPU"),
         ({"zero_optimization": {"stage": 3}, "gradient_clipping": 1.0}, "stage 3 is not supported"),
+        ({"torch_autocast": {"enabled": True}, "bf16": {"enabled": True}, "gradient_clipping": 0.0},
+         "torch_autocast together with fp16 or bf16"),
     ]
     for ds, message in ds_cases:
         path = tmp_path / "ds.json"
@@ -174,3 +182,28 @@ def test_the_job_pretrains_other_context_networks(shards: Path, tmp_path: Path, 
     assert model.config.context.type == context
     assert all(r["skipped_updates"] == 0 and r["loss"] > 0 for r in _metrics(out).values())
     assert sorted(_metrics(out)) == [1, 2, 3]
+
+
+def test_zipformer_job_with_scaled_adam_eden_and_autocast_resumes_exactly(shards: Path, tmp_path: Path) -> None:
+    """The Zipformer's own recipe through the job: ScaledAdam, Eden, bf16 autocast over fp32
+    weights (DeepSpeed's torch_autocast, ZeRO stage 0); the optimizer state survives a resume."""
+    config = str(REPO / "configs/pretrain/tiny_zipformer.yaml")
+    extra = {"deepspeed": "configs/deepspeed/scaled_adam_bf16.json", "warmup_updates": 4}
+    straight = _run(_args(shards, tmp_path / "a", **extra), config=config)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    first = _run(_args(shards, tmp_path / "b", stop_at=3, **extra), config=config)
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = _run(_args(shards, tmp_path / "b", **extra), config=config)
+    assert second.returncode == 0 and "resumed from" in second.stderr, second.stderr[-3000:]
+    assert json.loads((tmp_path / "a" / "world.json").read_text())["precision"] == "bf16-autocast"
+    a, b = _metrics(tmp_path / "a"), _metrics(tmp_path / "b")
+    assert sorted(a) == sorted(b) == list(range(1, 7))
+    for update in range(1, 7):
+        for key in ("loss", "contrastive", "lr"):
+            assert a[update][key] == b[update][key], (update, key, a[update][key], b[update][key])
+        # Eden after `update` updates: warm-up from 0.1 over 4 updates, then the batch factor.
+        expected = 0.045 * eden(update, update * HOURS_PER_UPDATE, 7500, 50000, 4, 0.1)
+        assert a[update]["lr"] == pytest.approx(expected, rel=1e-4)
+    model = load_model(tmp_path / "a" / "model.pt")
+    assert model.config.context.type == "zipformer"
+    assert next(model.parameters()).dtype == torch.float32

@@ -156,6 +156,22 @@ def test_schedules_follow_the_update_count() -> None:
     assert float(layer.attention_skip_rate) == 0.0  # eval: the defaults
 
 
+def test_tiny_zipformer_learns() -> None:
+    """The foundation's learning test with the tiny Zipformer. It needs 300 updates rather than
+    200: its training-time regularisers (dropout 0.3, module skipping) are at their strongest early."""
+    from pretrain.overfit import OverfitConfig, run
+    from speechssl.config import build
+    from tests.conftest import REPO
+
+    config = build(OverfitConfig, REPO / "configs/pretrain/overfit_tiny.yaml",
+                   ["steps=300", f"model={REPO / 'configs/model/tiny_zipformer.yaml'}"])
+    history = run(config, echo=False)
+    first = history[0]["contrastive"]
+    last = sum(h["contrastive"] for h in history[-10:]) / 10
+    assert last <= 0.5 * first, (first, last)
+    assert min(h["prob_ppl"] for h in history[-10:]) > 2 * config.model.quantizer.num_groups
+
+
 def test_pretraining_step_with_a_zipformer() -> None:
     from speechssl.config import load_model_config
     from speechssl.models.wav2vec2 import Wav2Vec2Model
@@ -170,6 +186,26 @@ def test_pretraining_step_with_a_zipformer() -> None:
     assert torch.isfinite(out.loss)
     idle = [n for n, p in model.context.named_parameters() if p.grad is None or not bool(p.grad.abs().sum() > 0)]
     assert idle == ["downsample_output.bias"]  # a softmax over one weight at output factor 1
+
+
+@pytest.mark.parametrize("size", ["small", "medium", "large"])
+def test_shipped_sizes_mirror_the_reference_encoder(size: str) -> None:
+    """Our context network has the reference encoder's parameters, less the output downsampling
+    weight it does not use at factor 1 and the per-layer bypass scales the reference leaves unused."""
+    from speechssl.config import load_model_config
+    from tests.conftest import REPO
+
+    context = load_model_config(REPO / f"configs/model/{size}_zipformer.yaml").context
+    ours = Zipformer(context)
+    lists = {k: tuple(getattr(context, k)) for k in SMALL if k != "pos_dim"}
+    reference = reference_module().Zipformer(output_downsampling_factor=2, pos_dim=context.pos_dim, **lists)
+    names = {n for n, _ in ours.named_parameters()}
+    ref_names = {n for n, _ in reference.named_parameters()
+                 if not n.endswith(tuple(f"layers.{j}.bypass_scale" for j in range(8)))}
+    assert names == ref_names
+    count = sum(p.numel() for p in ours.parameters())
+    assert count == pytest.approx(sum(p.numel() for p in reference.parameters()), rel=1e-3)
+    assert count / 1e6 == pytest.approx({"small": 21.4, "medium": 63.4, "large": 146.0}[size], abs=0.05)
 
 
 @pytest.mark.parametrize("override,words", [
