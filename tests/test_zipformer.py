@@ -48,19 +48,26 @@ def test_matches_the_reference_zipformer(causal: bool, chunk: int, left: int) ->
     torch.testing.assert_close(out.output, expected.transpose(0, 1), atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("output_factor", [1, 2])
-def test_shapes_and_batch_invariance_for_odd_lengths(output_factor: int) -> None:
+# icefall's rates (1, 2, 4, 8, 4, 2) with small widths, so every downsampling factor is covered.
+ALL_RATES = dict(SMALL, downsampling_factor=[1, 2, 4, 8, 4, 2], encoder_dim=[32, 48, 64, 80, 64, 48],
+                 num_encoder_layers=[1], encoder_unmasked_dim=[24], num_heads=[4], feedforward_dim=[64],
+                 cnn_module_kernel=[7, 7, 5, 5, 5, 7])
+
+
+@pytest.mark.parametrize("settings,output_factor", [(SMALL, 1), (SMALL, 2), (ALL_RATES, 1), (ALL_RATES, 2)])
+def test_shapes_and_batch_invariance_for_odd_lengths(settings: dict, output_factor: int) -> None:
     torch.manual_seed(0)
-    model = Zipformer(ZipformerConfig(**SMALL, output_downsampling_factor=output_factor))
+    model = Zipformer(ZipformerConfig(**settings, output_downsampling_factor=output_factor))
     _perturbed(model)
     model.eval()
     lengths = torch.tensor([37, 23, 11, 2])
     x = torch.randn(4, 37, 32)
     padding = torch.arange(37)[None] >= lengths[:, None]
+    dims = settings["encoder_dim"]
     with torch.no_grad():
         batched = model(x, padding)
-        assert batched.output.shape == (4, -(-37 // output_factor), 64)
-        assert [h.shape for h in batched.hidden_states] == [(4, 37, d) for d in (32, 48, 64, 48)]
+        assert batched.output.shape == (4, -(-37 // output_factor), max(dims))
+        assert [h.shape for h in batched.hidden_states] == [(4, 37, d) for d in dims]
         assert torch.equal((~batched.padding_mask).sum(1),
                            -(-lengths // output_factor))
         for i, n in enumerate(lengths.tolist()):
@@ -79,10 +86,11 @@ def _stream(model: Zipformer, x: torch.Tensor, lengths: torch.Tensor, states: li
     return torch.cat(outputs, dim=1), states
 
 
-@pytest.mark.parametrize("output_factor,chunk,left", [(1, 8, 16), (2, 8, 16), (2, 16, 40)])
-def test_streaming_equals_the_full_causal_forward(output_factor: int, chunk: int, left: int) -> None:
+@pytest.mark.parametrize("settings,output_factor,chunk,left", [
+    (SMALL, 1, 8, 16), (SMALL, 2, 8, 16), (SMALL, 2, 16, 40), (ALL_RATES, 2, 16, 32)])
+def test_streaming_equals_the_full_causal_forward(settings: dict, output_factor: int, chunk: int, left: int) -> None:
     torch.manual_seed(0)
-    model = Zipformer(ZipformerConfig(**SMALL, output_downsampling_factor=output_factor, causal=True,
+    model = Zipformer(ZipformerConfig(**settings, output_downsampling_factor=output_factor, causal=True,
                                       chunk_size=[chunk], left_context_frames=[left]))
     _perturbed(model)
     model.eval()
@@ -96,7 +104,7 @@ def test_streaming_equals_the_full_causal_forward(output_factor: int, chunk: int
     for i, n in enumerate((-(-lengths // output_factor)).tolist()):
         torch.testing.assert_close(streamed[i, :n], full.output[i, :n], atol=1e-4, rtol=1e-4)
     # A limited left context matters: the last frames differ from those of unlimited context.
-    unlimited = Zipformer(ZipformerConfig(**SMALL, output_downsampling_factor=output_factor, causal=True,
+    unlimited = Zipformer(ZipformerConfig(**settings, output_downsampling_factor=output_factor, causal=True,
                                           chunk_size=[chunk], left_context_frames=[-1]))
     unlimited.load_state_dict(model.state_dict())
     with torch.no_grad():
