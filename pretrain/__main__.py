@@ -17,42 +17,24 @@ from speechssl.config import ConfigError, build
 
 def load_config(path: str, overrides: list[str]):
     """The validated job config; every check that needs no model runs here (shards, DeepSpeed)."""
-    import torch
-
     from pretrain.config import PretrainConfig
-    from speechssl.data.shardset import ShardSet
-    from speechssl.training.config import deepspeed_config
+    from speechssl.training.job import check_job
 
     config = build(PretrainConfig, path, overrides)
-    if not config.data.shards:
-        raise ConfigError("data.shards: no training shards given")
-    for key, sources in (("data.shards", config.data.shards), ("valid_shards", config.valid_shards)):
-        try:
-            if sources:
-                ShardSet(sources, config.data.weights if key == "data.shards" else None)
-        except (FileNotFoundError, ValueError) as e:
-            raise ConfigError(f"{key}: {e}") from None
-    on_gpu = config.trainer.device == "cuda" or (config.trainer.device == "auto" and torch.cuda.is_available())
-    deepspeed_config(config.trainer, on_gpu)
+    check_job(config.data, config.valid_shards, config.trainer)
     return config
 
 
 def train(config) -> dict:
-    import dataclasses
-
     from pretrain.task import PretrainTask
-    from speechssl.data.loader import make_loader
     from speechssl.training.distributed import init_distributed, pick_device
+    from speechssl.training.job import make_loaders
     from speechssl.training.trainer import Trainer, setup_logging
 
     device = pick_device(config.trainer.device)
     rank, world = init_distributed(device)
     setup_logging(rank)
-    train_loader = make_loader(config.data, train=True, rank=rank, world_size=world)
-    valid_loader = None
-    if config.valid_shards:
-        valid_loader = make_loader(dataclasses.replace(config.data, shards=config.valid_shards, weights=None),
-                                   train=False, rank=rank, world_size=world)
+    train_loader, valid_loader = make_loaders(config.data, config.valid_shards, rank, world)
     task = PretrainTask(config.model, config.trainer.max_updates, train_loader.stream.shardset.sample_rate)
     return Trainer(task, config.trainer, train_loader, valid_loader).fit()
 

@@ -15,6 +15,7 @@ import torch
 
 from data_tools.shards import ShardOptions, make_shards
 from data_tools.sources import Entry
+from speechssl.config import ConfigError
 from speechssl.data import DataConfig, make_loader
 from speechssl.data.loader import AudioLoader
 
@@ -68,6 +69,30 @@ def test_batches_are_padded_audio_with_metadata(corpus: Path) -> None:
 def test_crop_to_shortest_has_no_padding(corpus: Path) -> None:
     for waves, lengths, _ in make_loader(_config(corpus), train=True):
         assert (lengths == lengths[0]).all() and waves.shape[0] * waves.shape[1] <= 80_000
+
+
+def test_without_cropping_long_utterances_are_dropped_and_counted(corpus: Path) -> None:
+    """Labelled data: an utterance is never cut; one longer than max_sample_size is left out, with
+    a count. Every other utterance arrives whole, with its transcript."""
+    from speechssl.data.shardset import ShardSet
+
+    cfg = _config(corpus, crop=False, crop_to_shortest=False)
+    shards = ShardSet([str(corpus)]).shards[0]
+    lengths = {k: n for shard in shards for k, n in zip(shard.keys, shard.lengths, strict=True)}
+    loader = make_loader(cfg, train=True)
+    seen = {}
+    for _, batch_lengths, meta in loader:
+        for sample, n in zip(meta["samples"], batch_lengths.tolist(), strict=True):
+            seen[sample["__key__"]] = n
+            assert "text" in sample
+    assert all(lengths[k] == n for k, n in seen.items())  # whole
+    too_long = [k for k, n in lengths.items() if n > 24_000]
+    too_short = [k for k, n in lengths.items() if n < 8_000]
+    assert too_long and loader.stats["dropped_long"] == len(too_long)
+    assert loader.stats["dropped_short"] == len(too_short)
+    assert len(seen) + len(too_long) + len(too_short) == len(lengths)  # nothing else lost
+    with pytest.raises(ConfigError, match=r"data\.crop_to_shortest"):
+        _config(corpus, crop=False)
 
 
 def test_two_ranks_two_workers_equal_counts_disjoint_samples(corpus: Path) -> None:

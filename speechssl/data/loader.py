@@ -41,7 +41,9 @@ class DataConfig:
     utterances are randomly cropped to it in training (fairseq ``max_sample_size``).
     min_sample_size: shorter ones are dropped in training (fairseq ``min_sample_size``).
     crop_to_shortest: crop every utterance of a batch to the shortest one (fairseq's pretraining
-    collater: no padding). normalize: zero mean, unit variance per utterance (fairseq ``normalize``).
+    collater: no padding). crop: false for labelled data (fine-tuning): nothing is cropped, and
+    training utterances longer than max_sample_size are dropped and counted.
+    normalize: zero mean, unit variance per utterance (fairseq ``normalize``).
     shuffle_buffer: samples per shuffling and length-bucketing window. max_batch_size: 0 = no cap.
     num_workers: DataLoader worker processes. seed: shuffling, cropping."""
 
@@ -51,6 +53,7 @@ class DataConfig:
     max_sample_size: int = 250_000
     min_sample_size: int = 32_000
     crop_to_shortest: bool = True
+    crop: bool = True
     normalize: bool = False
     shuffle_buffer: int = 1000
     max_batch_size: int = 0
@@ -65,6 +68,8 @@ class DataConfig:
         check(0 <= self.min_sample_size <= self.max_sample_size, "data.min_sample_size",
               "must be in [0, max_sample_size]")
         check(self.shuffle_buffer >= 1, "data.shuffle_buffer", "must be >= 1")
+        check(self.crop or not self.crop_to_shortest, "data.crop_to_shortest",
+              "crops; with crop: false (labelled data) set it to false")
         check(self.num_workers >= 0, "data.num_workers", "must be >= 0")
         check(self.max_batch_size >= 0, "data.max_batch_size", "must be >= 0")
 
@@ -103,7 +108,7 @@ class ShardStream(IterableDataset):
         return plan_epoch(self.shardset, self.epoch, seed=c.seed, train=self.train, world_size=self.world_size,
                           workers=self.workers, max_tokens=c.max_tokens, max_sample_size=c.max_sample_size,
                           min_sample_size=c.min_sample_size, shuffle_buffer=c.shuffle_buffer,
-                          crop_to_shortest=c.crop_to_shortest, max_batch_size=c.max_batch_size)
+                          crop_to_shortest=c.crop_to_shortest, max_batch_size=c.max_batch_size, crop=c.crop)
 
     def __iter__(self) -> Iterator[AudioBatch]:
         info = get_worker_info()
@@ -208,8 +213,9 @@ class ShardStream(IterableDataset):
 class AudioLoader:
     """One epoch per ``iter()``; tracks what was consumed so ``state_dict`` can resume exactly.
 
-    ``stats`` counts, for the current epoch, the batches yielded, the samples dropped as too short,
-    the batches dropped to keep the ranks even, and the corrupt samples skipped.
+    ``stats`` counts, for the current epoch, the batches yielded, the samples dropped as too short
+    (or, without cropping, too long), the batches dropped to keep the ranks even, and the corrupt
+    samples skipped.
     """
 
     def __init__(self, stream: ShardStream):
@@ -231,7 +237,7 @@ class AudioLoader:
     def __iter__(self) -> Iterator[AudioBatch]:
         self.stream.epoch, self.stream.skip = self.epoch, self.consumed
         plan = self.stream.plan()
-        self.stats = {"batches": self.consumed, "dropped_short": plan.dropped_short,
+        self.stats = {"batches": self.consumed, "dropped_short": plan.dropped_short, "dropped_long": plan.dropped_long,
                       "dropped_for_balance": plan.dropped_for_balance, "corrupt": 0}
         workers = self.stream.config.num_workers
         # Its own generator: starting the workers must not draw from the global RNG, or a resumed

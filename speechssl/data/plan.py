@@ -6,7 +6,8 @@ batches (the smallest rank's count; the excess is dropped and counted) and a res
 skip exactly the batches already consumed.
 
 Training: a seeded shuffle of the shards each epoch, shards dealt to ``ranks x workers`` slots by
-sample count, samples shorter than ``min_sample_size`` dropped, the stream cut into windows of
+sample count, samples shorter than ``min_sample_size`` dropped (and, without cropping, those
+longer than ``max_sample_size``), the stream cut into windows of
 ``shuffle_buffer`` samples that are shuffled, sorted by (cropped) length and packed into batches
 under ``max_tokens`` padded samples, batch order shuffled within the window. Evaluation: no
 shuffle, no crop, no drop.
@@ -40,6 +41,7 @@ class SlotPlan:
     batches: list[list[Item]] = field(default_factory=list)
     window_ends: list[tuple[int, int]] = field(default_factory=list)  # per batch: (shard, position) read last
     dropped_short: int = 0
+    dropped_long: int = 0
 
 
 def epoch_shards(shardset: ShardSet, epoch: int, seed: int, shuffle: bool) -> list[Shard]:
@@ -80,13 +82,18 @@ def deal(shards: list[Shard], world_size: int, workers: int) -> list[list[int]]:
 
 def plan_slot(shards: list[Shard], shard_ids: list[int], *, train: bool, max_tokens: int, max_sample_size: int,
               min_sample_size: int, shuffle_buffer: int, crop_to_shortest: bool, max_batch_size: int,
-              rng: np.random.Generator) -> SlotPlan:
+              rng: np.random.Generator, crop: bool = True) -> SlotPlan:
+    """``crop``: training samples longer than ``max_sample_size`` are randomly cropped to it;
+    without (labelled data), they are dropped and counted."""
     plan = SlotPlan(list(shard_ids))
     stream = []
     for sid in shard_ids:
         for pos, length in enumerate(shards[sid].lengths):
             if train and length < min_sample_size:
                 plan.dropped_short += 1
+                continue
+            if train and not crop and length > max_sample_size:
+                plan.dropped_long += 1
                 continue
             stream.append((sid, pos, length))
     for begin in range(0, len(stream), max(1, shuffle_buffer)):
@@ -145,19 +152,21 @@ class EpochPlan:
     quotas: list[int]                 # batches each slot yields
     batches_per_rank: int
     dropped_short: int
+    dropped_long: int
     dropped_for_balance: int          # batches (all ranks) cut so every rank yields the same count
 
 
 def plan_epoch(shardset: ShardSet, epoch: int, *, seed: int, train: bool, world_size: int, workers: int,
                max_tokens: int, max_sample_size: int, min_sample_size: int, shuffle_buffer: int,
-               crop_to_shortest: bool, max_batch_size: int) -> EpochPlan:
+               crop_to_shortest: bool, max_batch_size: int, crop: bool = True) -> EpochPlan:
     shards = epoch_shards(shardset, epoch, seed, shuffle=train)
     slots = []
     for slot, ids in enumerate(deal(shards, world_size, workers)):
         rng = np.random.default_rng([seed, epoch, 1, slot])
         slots.append(plan_slot(shards, ids, train=train, max_tokens=max_tokens, max_sample_size=max_sample_size,
                                min_sample_size=min_sample_size, shuffle_buffer=shuffle_buffer,
-                               crop_to_shortest=crop_to_shortest, max_batch_size=max_batch_size, rng=rng))
+                               crop_to_shortest=crop_to_shortest, max_batch_size=max_batch_size, rng=rng,
+                               crop=crop))
     counts = [[len(slots[r * workers + w].batches) for w in range(workers)] for r in range(world_size)]
     totals = [sum(c) for c in counts]
     if train and min(totals) == 0:
@@ -172,5 +181,6 @@ def plan_epoch(shardset: ShardSet, epoch: int, *, seed: int, train: bool, world_
         shards=shards, slots=slots, quotas=quotas,
         batches_per_rank=per_rank if per_rank is not None else max(totals),
         dropped_short=sum(s.dropped_short for s in slots),
+        dropped_long=sum(s.dropped_long for s in slots),
         dropped_for_balance=sum(totals) - sum(quotas),
     )

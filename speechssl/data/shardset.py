@@ -59,9 +59,17 @@ class ShardSet:
         self.sample_rate = rates.pop()
 
     @staticmethod
+    def _directory(source: str) -> str:
+        return source if Path(source).is_dir() else str(Path(source).parent)
+
+    @staticmethod
     def sample_rate_of(source: str) -> int:
-        directory = source if Path(source).is_dir() else str(Path(source).parent)
-        return int(read_index(directory)["sample_rate"])
+        return int(read_index(ShardSet._directory(source))["sample_rate"])
+
+    def charset(self) -> str:
+        """Every character of the sources' transcripts, from their indexes (a pattern's whole
+        directory counts)."""
+        return "".join(sorted({c for s in self.sources for c in read_index(self._directory(s)).get("charset", "")}))
 
     @staticmethod
     def _resolve(source: str, number: int) -> list[Shard]:

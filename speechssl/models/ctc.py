@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from speechssl.config import ModelConfig, check, load_model_config, to_dict
 from speechssl.models.encoder import SpeechEncoder
+from speechssl.training.freezing import check_schedule, frozen_modules
 
 FORMAT = "speechssl.CTCModel"
 
@@ -22,11 +23,17 @@ class CTCModel(SpeechEncoder):
     """``forward(waveforms (B, S), lengths (B,))`` -> ``(logits (B, T, vocab_size), frames (B,))``.
 
     vocab: the token strings (index = class), when known; blank: the CTC blank index.
+    tokenizer: the tokenizer's settings (``to_dict()``), saved with the model. freeze_updates: a
+    freezing schedule (:mod:`speechssl.training.freezing`), applied by :meth:`set_num_updates`.
     """
 
     def __init__(self, config: ModelConfig, vocab_size: int, blank: int = 0, final_dropout: float = 0.0,
-                 vocab: list[str] | None = None):
+                 vocab: list[str] | None = None, tokenizer: dict | None = None,
+                 freeze_updates: dict[str, Any] | None = None):
         super().__init__(config)
+        self.tokenizer = tokenizer
+        self.freeze_updates = check_schedule(freeze_updates or {})
+        self.frozen = frozen_modules(self.freeze_updates, 0)
         check(vocab_size >= 2, "vocab_size", f"needs the blank and at least one token, got {vocab_size}")
         check(0 <= blank < vocab_size, "blank", f"must index the vocabulary of {vocab_size}, got {blank}")
         check(vocab is None or len(vocab) == vocab_size, "vocab", f"must list {vocab_size} tokens")
@@ -44,6 +51,14 @@ class CTCModel(SpeechEncoder):
         model.load_state_dict(shared, strict=False)
         return model
 
+    def set_num_updates(self, num_updates: int) -> None:
+        """Follow the update count; a module frozen now gets no gradients (they still flow through
+        it to the modules before it)."""
+        super().set_num_updates(num_updates)
+        self.frozen = frozen_modules(self.freeze_updates, num_updates)
+        for name, module in self.named_children():
+            module.requires_grad_(name not in self.frozen)
+
     def forward(self, waveforms: Tensor, lengths: Tensor | None = None,
                 check_values: bool | None = None) -> tuple[Tensor, Tensor | None]:
         features, padding_mask, frames = self._features(waveforms, lengths, check_values)
@@ -60,7 +75,7 @@ class CTCModel(SpeechEncoder):
         """One standalone file with the config, the vocabulary and the weights (:func:`load_ctc_model`)."""
         torch.save({"format": FORMAT, "version": 1, "config": to_dict(self.config), "vocab_size": self.vocab_size,
                     "blank": self.blank, "final_dropout": self.final_dropout.p, "vocab": self.vocab,
-                    "state_dict": self.state_dict()}, path)
+                    "tokenizer": self.tokenizer, "state_dict": self.state_dict()}, path)
 
 
 def load_ctc_model(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> CTCModel:
@@ -69,6 +84,6 @@ def load_ctc_model(path: str | os.PathLike, map_location: str | torch.device = "
     if not isinstance(blob, dict) or blob.get("format") != FORMAT:
         raise ValueError(f"{path} is not a speechssl CTC model file (saved with CTCModel.save)")
     model = CTCModel(load_model_config(blob["config"]), blob["vocab_size"], blob["blank"], blob["final_dropout"],
-                     blob["vocab"])
+                     blob["vocab"], blob.get("tokenizer"))
     model.load_state_dict(blob["state_dict"])
     return model

@@ -26,6 +26,11 @@ class SpeechEncoder(nn.Module):
         self.feature_extractor = FeatureExtractor(config.extractor)
         self.context = build_context(config.context)
         self.frontend = Frontend(self.feature_extractor.output_dim, self.context.input_dim, config.dropout_input)
+        # The group_norm extractor normalises over time, padding included, so a padded utterance's
+        # features depend on its batch (as in fairseq, torchaudio and Hugging Face). True runs the
+        # extractor on each utterance's own samples instead (inference: transcripts that do not
+        # depend on batching); it changes nothing for unpadded batches.
+        self.extract_per_utterance = False
 
     # ------------------------------------------------------------------ inputs and features
 
@@ -75,18 +80,27 @@ class SpeechEncoder(nn.Module):
                 lengths = lengths.pin_memory()
             lengths = lengths.to(waveforms.device, non_blocking=True)
         mult = self.config.feature_grad_mult
-        if mult > 0:
-            features = self.feature_extractor(waveforms)
-            if mult != 1.0:
-                features = GradMultiply.apply(features, mult)
-        else:
-            with torch.no_grad():
+        with torch.set_grad_enabled(torch.is_grad_enabled() and mult > 0):
+            if self.extract_per_utterance and lengths is not None:
+                features = self._extract_each(waveforms, lengths)
+            else:
                 features = self.feature_extractor(waveforms)
+        if features.requires_grad and mult != 1.0:
+            features = GradMultiply.apply(features, mult)
         if lengths is None:
             return features, None, None
         frames = self.feature_extractor.output_lengths(lengths)
         padding_mask = torch.arange(features.shape[1], device=features.device) >= frames.unsqueeze(1)
         return features, padding_mask, frames
+
+    def _extract_each(self, waveforms: Tensor, lengths: Tensor) -> Tensor:
+        """The extractor on each row's ``lengths[i]`` samples, zero-padded to the batch's frames."""
+        rows = [self.feature_extractor(waveforms[i: i + 1, : int(n)])[0] for i, n in enumerate(lengths.tolist())]
+        frames = self.feature_extractor.output_lengths(torch.tensor([waveforms.shape[1]]))
+        out = rows[0].new_zeros(len(rows), int(frames[0]), rows[0].shape[-1])
+        for i, row in enumerate(rows):
+            out[i, : row.shape[0]] = row
+        return out
 
     @staticmethod
     def _lengths(padding_mask: Tensor | None) -> Tensor | None:

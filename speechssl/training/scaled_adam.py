@@ -17,8 +17,9 @@ Per parameter tensor ``p`` (``t`` counts its steps from 0; ``lr_s = lr * scalar_
 - Momentum: ``m = beta1 m + (1 - beta1) delta``; ``p += m``. Scalars are then clamped to
   ``+-scalar_max``.
 
-Tensors of one shape and dtype are updated together, stacked, to launch few kernels; their state
-is kept stacked in the state of the group's first tensor.
+A param group whose LR is 0 is left exactly as it is (frozen). Tensors of one shape and dtype are
+updated together, stacked, to launch few kernels; their state is kept stacked in the state of the
+group's first tensor.
 """
 
 from __future__ import annotations
@@ -52,6 +53,8 @@ class ScaledAdam(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
+            if group["lr"] == 0:
+                continue  # frozen: not even the momentum moves it
             batches = self._batches(group)
             if not batches:
                 continue

@@ -67,6 +67,10 @@ class Task(Protocol):
 
     def export(self, model: nn.Module, path: Path) -> None: ...
 
+    # Optional: ``param_group(name) -> key`` puts parameters into optimizer groups by key, and
+    # ``lr_factor(key, update) -> float`` scales each group's LR at each update (0 freezes it).
+    # ``best_metric``: a validation metric to minimise; the best model is exported to ``best.pt``.
+
 
 def _zero_loss(model: nn.Module) -> Tensor:
     """A loss whose gradients are all zero but that reaches every parameter, so an empty batch still
@@ -101,28 +105,42 @@ class Trainer:
             torch.set_num_threads(self.cfg.threads)
         torch.manual_seed(self.cfg.seed)
         model = self.task.build_model()
-        optimizer = self._optimizer(model)
         stream = self.train_loader.stream
         # An upper bound, as icefall's estimate from its batch duration: batches are padded.
         hours_per_update = (stream.config.max_tokens * self.cfg.update_freq * self.world_size
                             / stream.shardset.sample_rate / 3600)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(self.cfg, hours_per_update))
+        optimizer, scheduler = self._optimizer_and_schedule(model, hours_per_update)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config,
             dist_init_required=False)
 
-    def _optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
-        c = self.cfg
-        params = [p for p in model.parameters() if p.requires_grad]
-        if c.optimizer == "scaled_adam":
-            return ScaledAdam(params, lr=c.lr, betas=tuple(c.adam_betas), **dataclasses.asdict(c.scaled_adam))
-        decay, no_decay = [], []
-        for name, p in model.named_parameters():  # no weight decay on biases, norms, embeddings
+    def _param_groups(self, model: nn.Module) -> tuple[list[dict], list[str]]:
+        """Optimizer groups (non-empty, so DeepSpeed keeps them all and in order) and their task
+        keys. AdamW: no weight decay on biases, norms and embeddings."""
+        key_of = getattr(self.task, "param_group", lambda name: "")
+        adamw = self.cfg.optimizer == "adamw"
+        groups: dict[tuple[str, bool], list[nn.Parameter]] = {}
+        for name, p in model.named_parameters():
             if p.requires_grad:
-                (no_decay if p.ndim < 2 or name.endswith(".bias") else decay).append(p)
-        return torch.optim.AdamW(
-            [{"params": decay, "weight_decay": c.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=c.lr, betas=tuple(c.adam_betas), eps=c.adam_eps)
+                decay = adamw and not (p.ndim < 2 or name.endswith(".bias"))
+                groups.setdefault((key_of(name), decay), []).append(p)
+        params = [{"params": ps, **({"weight_decay": self.cfg.weight_decay if decay else 0.0} if adamw else {})}
+                  for (_, decay), ps in groups.items()]
+        return params, [key for key, _ in groups]
+
+    def _optimizer_and_schedule(self, model: nn.Module, hours_per_update: float):
+        c = self.cfg
+        groups, keys = self._param_groups(model)
+        if c.optimizer == "scaled_adam":
+            optimizer = ScaledAdam(groups, lr=c.lr, betas=tuple(c.adam_betas), **dataclasses.asdict(c.scaled_adam))
+        else:
+            optimizer = torch.optim.AdamW(groups, lr=c.lr, betas=tuple(c.adam_betas), eps=c.adam_eps)
+        schedule = lr_lambda(c, hours_per_update)
+        factor = getattr(self.task, "lr_factor", None)
+        if factor is None:
+            return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        lambdas = [lambda step, key=key: schedule(step) * factor(key, step) for key in keys]
+        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
 
     def _resume(self) -> None:
         choice = self.cfg.resume
@@ -245,6 +263,18 @@ class Trainer:
                 self.writer.add_scalar(f"{split}/{key}", value, self.update)
             self.writer.flush()
 
+    def _keep_best(self, metrics: dict[str, float]) -> None:
+        """Export the model to ``best.pt`` when the task's ``best_metric`` reaches a new low;
+        ``best.json`` says at which update and with what value (and survives a resume)."""
+        name = getattr(self.task, "best_metric", None)
+        if name is None or self.rank != 0 or name not in metrics:
+            return
+        record = self.output / "best.json"
+        best = json.loads(record.read_text())[name] if record.is_file() else math.inf
+        if metrics[name] < best:
+            self.task.export(self.engine.module, self.output / "best.pt")
+            record.write_text(json.dumps({"update": self.update, name: metrics[name]}) + "\n")
+
     def _save(self) -> Path:
         state = {"loader": self.train_loader.state_dict(), "rng": checkpoint.rng_state(), "skipped": self.skipped}
         return checkpoint.save(self.engine, self.ckpt_root, self.update, self.rank, state, self.cfg.keep_checkpoints)
@@ -279,7 +309,8 @@ class Trainer:
                 elapsed = time.perf_counter() - tick
                 metrics = self.task.metrics(reduced)
                 grad_norm = self.engine.get_global_grad_norm()
-                metrics.update(lr=self.engine.get_lr()[0], skipped_updates=float(self.skipped),
+                metrics.update(lr=max(self.engine.get_lr()),  # the largest: frozen groups have 0
+                               skipped_updates=float(self.skipped),
                                audio_seconds_per_second=reduced.get("audio_seconds", 0.0) / max(elapsed, 1e-9),
                                **({"grad_norm": float(grad_norm)} if grad_norm is not None
                                   and math.isfinite(float(grad_norm)) else {}))
@@ -296,6 +327,7 @@ class Trainer:
                 last_valid = self.validate()
                 if last_valid is not None:
                     self._log("valid", last_valid)
+                    self._keep_best(last_valid)
             if (cfg.checkpoint_every and self.update % cfg.checkpoint_every == 0) or done:
                 ckpt = self._save()
             bar.update(1)

@@ -1,0 +1,98 @@
+"""CTC fine-tuning.
+
+    python -m finetune --config configs/finetune/tiny.yaml pretrained=runs/tiny [dotted.key=value ...]
+    deepspeed --num_gpus 8 --module finetune --config configs/finetune/tiny.yaml pretrained=runs/base
+    python -m finetune transcribe MODEL AUDIO... [--output hyps.tsv]
+    python -m finetune evaluate MODEL DATA [--output DIR]
+
+``pretrained`` is a pretraining run folder, a model file (``Wav2Vec2Model.save``), or
+``hf:NAME_OR_PATH``. The run folder gets ``model.pt`` (the last model), ``best.pt`` (the best by
+validation WER) with ``best.json``, checkpoints and logs, as pretraining does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from speechssl.config import ConfigError, build
+
+
+def load_pretrained(source: str):
+    """The pretrained speech encoder named by ``pretrained``."""
+    from speechssl import load_model
+
+    if source.startswith("hf:"):
+        from transformers import AutoModel
+
+        from speechssl.interop.huggingface import from_huggingface
+
+        return from_huggingface(AutoModel.from_pretrained(source[3:]))
+    path = Path(source)
+    if path.is_dir():
+        path = path / "model.pt"
+    if not path.is_file():
+        raise ConfigError(f"pretrained: {path} does not exist (a run folder with model.pt, a model file, or hf:NAME)")
+    try:
+        return load_model(path)
+    except ValueError as e:
+        raise ConfigError(f"pretrained: {e}") from None
+
+
+def load_config(path: str, overrides: list[str]):
+    """The validated job config; every check that needs no model runs here (shards, DeepSpeed)."""
+    from finetune.config import FinetuneConfig
+    from speechssl.training.job import check_job
+
+    config = build(FinetuneConfig, path, overrides)
+    check_job(config.data, config.valid_shards, config.trainer)
+    return config
+
+
+def train(config, encoder) -> dict:
+    from finetune.task import FinetuneTask
+    from finetune.tokenizer import CharTokenizer
+    from speechssl.training.distributed import init_distributed, pick_device
+    from speechssl.training.job import make_loaders
+    from speechssl.training.trainer import Trainer, setup_logging
+
+    device = pick_device(config.trainer.device)
+    rank, world = init_distributed(device)
+    setup_logging(rank)
+    train_loader, valid_loader = make_loaders(config.data, config.valid_shards, rank, world)
+    shardset = train_loader.stream.shardset
+    tokenizer = CharTokenizer.build([shardset.charset()], case=config.tokenizer.case)
+    task = FinetuneTask(config, encoder, tokenizer, shardset.sample_rate)
+    return Trainer(task, config.trainer, train_loader, valid_loader).fit()
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("transcribe", "evaluate"):
+        from finetune.transcribe import main as transcribe_main
+
+        return transcribe_main(argv)
+    parser = argparse.ArgumentParser(prog="python -m finetune", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="YAML of a FinetuneConfig (configs/finetune/*.yaml)")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("overrides", nargs="*", help="dotted.key=value, e.g. pretrained=runs/tiny")
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(args.config, args.overrides)
+        encoder = load_pretrained(config.pretrained)  # fails before any process group is set up
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    import torch.distributed as dist
+
+    result = train(config, encoder)
+    if dist.get_rank() == 0:
+        print(json.dumps({k: result[k] for k in ("output_dir", "checkpoint", "model", "update", "skipped_updates")}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

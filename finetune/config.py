@@ -1,0 +1,56 @@
+"""The fine-tuning job's config."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from speechssl.config import check
+from speechssl.data.loader import DataConfig
+from speechssl.training.config import TrainerConfig
+from speechssl.training.freezing import check_schedule
+
+
+@dataclass
+class TokenizerConfig:
+    """type: ``char`` (the characters of the training transcripts, ``|`` between words, blank 0).
+    case: ``upper``, ``lower`` or ``keep``, applied to transcripts and hypotheses alike."""
+
+    type: str = "char"
+    case: str = "upper"
+
+    def __post_init__(self) -> None:
+        check(self.type == "char", "tokenizer.type", f"only char is available, got {self.type!r}")
+        check(self.case in ("upper", "lower", "keep"), "tokenizer.case", "must be upper, lower or keep")
+
+
+def _labelled_data() -> DataConfig:
+    # Labelled utterances are never cropped; longer ones than max_sample_size are dropped and counted.
+    return DataConfig(max_tokens=3_200_000, max_sample_size=640_000, min_sample_size=0, crop=False,
+                      crop_to_shortest=False)
+
+
+@dataclass
+class FinetuneConfig:
+    """pretrained: a pretraining run folder (its ``model.pt``), a model file written by
+    ``Wav2Vec2Model.save`` (also one imported from torchaudio or Hugging Face and saved), or
+    ``hf:NAME_OR_PATH`` (a Hugging Face ``Wav2Vec2Model``/``Wav2Vec2ForPreTraining`` checkpoint).
+    model: changes to the pretrained model's config for fine-tuning, as a nested mapping (the
+    masking, layer drop and dropouts of fairseq's fine-tuning recipes in configs/finetune/).
+    final_dropout: dropout before the CTC head (fairseq ``final_dropout``).
+    freeze_updates: NeMo's freezing schedule per module (feature_extractor, frontend, context,
+    lm_head): ``N`` first N updates, ``[a, b]`` updates a..b, ``-1`` the whole run."""
+
+    pretrained: str = ""
+    model: dict[str, Any] = field(default_factory=dict)
+    final_dropout: float = 0.0
+    freeze_updates: dict[str, Any] = field(default_factory=lambda: {"feature_extractor": -1})
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    data: DataConfig = field(default_factory=_labelled_data)
+    valid_shards: list[str] = field(default_factory=list)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+    def __post_init__(self) -> None:
+        check(bool(self.pretrained), "pretrained", "name the pretrained model: pretrained=PATH")
+        check(0.0 <= self.final_dropout < 1.0, "final_dropout", "must be in [0, 1)")
+        self.freeze_updates = check_schedule(self.freeze_updates)

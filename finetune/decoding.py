@@ -1,0 +1,40 @@
+"""Greedy CTC decoding and error counts (word and character edit distances, with jiwer)."""
+
+from __future__ import annotations
+
+import jiwer
+import torch
+from torch import Tensor
+
+
+def greedy_decode(logits: Tensor, lengths: Tensor | None, blank: int = 0) -> list[list[int]]:
+    """Best path: per frame the most likely token, repeats merged, blanks removed.
+    logits: ``(B, T, V)``; lengths: ``(B,)`` valid frames (None: all). Returns token ids per row."""
+    best = logits.argmax(-1).cpu()
+    lengths = [best.shape[1]] * best.shape[0] if lengths is None else lengths.tolist()
+    out = []
+    for row, n in zip(best, lengths, strict=True):
+        tokens = torch.unique_consecutive(row[:n])
+        out.append([int(t) for t in tokens if t != blank])
+    return out
+
+
+def error_counts(references: list[str], hypotheses: list[str]) -> dict[str, int]:
+    """Word and character edit distances summed over the pairs, and the reference sizes
+    (``word_errors / words`` is the WER). An empty reference counts every hypothesis word (and
+    character) as an insertion."""
+    counts = {"word_errors": 0, "words": 0, "char_errors": 0, "chars": 0}
+    pairs = [(r, h) for r, h in zip(references, hypotheses, strict=True) if r.strip()]
+    for r, h in zip(references, hypotheses, strict=True):
+        if not r.strip():
+            counts["word_errors"] += len(h.split())
+            counts["char_errors"] += len(h)
+    if pairs:
+        refs, hyps = [r for r, _ in pairs], [h for _, h in pairs]
+        words = jiwer.process_words(refs, hyps)
+        chars = jiwer.process_characters(refs, hyps)
+        counts["word_errors"] += words.substitutions + words.deletions + words.insertions
+        counts["words"] += words.substitutions + words.deletions + words.hits
+        counts["char_errors"] += chars.substitutions + chars.deletions + chars.insertions
+        counts["chars"] += chars.substitutions + chars.deletions + chars.hits
+    return counts

@@ -1,0 +1,140 @@
+"""CTC fine-tuning as a trainer task."""
+
+from __future__ import annotations
+
+import logging
+from itertools import pairwise
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from finetune.config import FinetuneConfig
+from finetune.decoding import error_counts, greedy_decode
+from finetune.tokenizer import CharTokenizer
+from speechssl.config import load_model_config, to_dict
+from speechssl.data.loader import AudioBatch
+from speechssl.models.ctc import CTCModel
+from speechssl.models.encoder import SpeechEncoder
+from speechssl.training.freezing import is_frozen
+from speechssl.training.trainer import StepOutput
+
+log = logging.getLogger("speechssl.finetune")
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> list[str]:
+    """``{"masking": {"mask_prob": 0.5}}`` -> ``["masking.mask_prob=0.5"]``."""
+    out = []
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out += _flatten(value, f"{prefix}{key}.")
+        else:
+            out.append(f"{prefix}{key}={value}")
+    return out
+
+
+class FinetuneTask:
+    """The loss of an update is the CTC loss summed over its utterances divided by their number
+    (fairseq's ``sentence_avg``). Utterances with more targets than frames cannot be aligned: their
+    loss is zeroed (``zero_infinity``) and they are counted as ``unalignable``. Validation decodes
+    greedily and reports WER and CER; the best model by validation WER is kept as ``best.pt``."""
+
+    stat_keys = ("unalignable", "tokens", "word_errors", "words", "char_errors", "chars")
+    best_metric = "wer"
+
+    def __init__(self, config: FinetuneConfig, encoder: SpeechEncoder, tokenizer: CharTokenizer,
+                 sample_rate: int = 16000):
+        self.config, self.encoder, self.tokenizer, self.sample_rate = config, encoder, tokenizer, sample_rate
+        self.model_config = load_model_config(to_dict(encoder.config), _flatten(config.model))
+        self.warned_unalignable = False
+
+    def build_model(self) -> nn.Module:
+        model = CTCModel(self.model_config, len(self.tokenizer), blank=self.tokenizer.blank,
+                         final_dropout=self.config.final_dropout, vocab=self.tokenizer.vocab,
+                         tokenizer=self.tokenizer.to_dict(), freeze_updates=self.config.freeze_updates)
+        shared = {k: v for k, v in self.encoder.state_dict().items()
+                  if k.startswith(("feature_extractor.", "frontend.", "context."))}
+        missing, _ = model.load_state_dict(shared, strict=False)
+        fresh = sorted({k.split(".")[0] for k in missing})
+        if fresh != ["lm_head"]:
+            raise ValueError(f"the pretrained model does not provide {fresh}: is it a speech encoder of this kind?")
+        return model
+
+    # ------------------------------------------------------------------ the optimizer's view
+
+    @staticmethod
+    def param_group(name: str) -> str:
+        return name.split(".")[0]
+
+    def lr_factor(self, module: str, update: int) -> float:
+        spec = self.config.freeze_updates.get(module)
+        return 0.0 if spec is not None and is_frozen(spec, update) else 1.0
+
+    # ------------------------------------------------------------------ steps
+
+    def prepare(self, model: CTCModel, batch: AudioBatch, device: torch.device,
+                dtype: torch.dtype) -> dict[str, Any]:
+        texts = []
+        for sample in batch.metadata["samples"]:
+            text = sample.get("text")
+            if text is None:
+                raise ValueError(f"sample {sample['__key__']} in {sample['__shard__']} has no transcript: "
+                                 "fine-tuning needs shards built from a manifest with a text column")
+            texts.append(text)
+        ids = [self.tokenizer.encode(t) for t in texts]
+        target_lengths = torch.tensor([len(i) for i in ids], dtype=torch.long)
+        # CTC needs a frame per token plus one between repeated tokens.
+        needed = torch.tensor([len(i) + sum(a == b for a, b in pairwise(i)) for i in ids])
+        return {
+            "waveforms": batch.waveforms.to(device=device, dtype=dtype, non_blocking=True),
+            "lengths": batch.lengths,
+            "targets": torch.tensor([t for i in ids for t in i], dtype=torch.long).to(device, non_blocking=True),
+            "target_lengths": target_lengths.to(device, non_blocking=True),
+            "needed_frames": needed.to(device, non_blocking=True),
+            "references": [self.tokenizer.decode(i) for i in ids],
+            "sample_size": torch.tensor(float(len(texts)), device=device),
+            "audio_seconds": float(batch.lengths.sum()) / self.sample_rate,
+        }
+
+    def forward(self, engine: nn.Module, p: dict[str, Any]) -> StepOutput:
+        module = engine.module if hasattr(engine, "module") else engine
+        module.extract_per_utterance = not module.training  # validation scores as `evaluate` would
+        logits, frames = engine(p["waveforms"], p["lengths"])
+        log_probs = logits.float().log_softmax(-1)
+        loss = F.ctc_loss(log_probs.transpose(0, 1), p["targets"], frames, p["target_lengths"],
+                          blank=self.tokenizer.blank, reduction="sum", zero_infinity=True)
+        stats = {"unalignable": (frames < p["needed_frames"]).sum().float(),
+                 "tokens": p["target_lengths"].sum().float()}
+        if not module.training:
+            hypotheses = [self.tokenizer.decode(ids) for ids in greedy_decode(logits, frames, self.tokenizer.blank)]
+            counts = error_counts(p["references"], hypotheses)
+            stats.update({k: torch.tensor(float(v), device=loss.device) for k, v in counts.items()})
+        return StepOutput(loss, p["sample_size"], stats)
+
+    def metrics(self, sums: dict[str, float]) -> dict[str, float]:
+        n = max(sums["sample_size"], 1.0)
+        out = {"loss": sums["loss"] / n, "utterances": sums["sample_size"], "unalignable": sums["unalignable"],
+               "tokens_per_utterance": sums["tokens"] / n}
+        if sums.get("words", 0) > 0:
+            out["wer"] = sums["word_errors"] / sums["words"]
+        if sums.get("chars", 0) > 0:
+            out["cer"] = sums["char_errors"] / sums["chars"]
+        return out
+
+    def check_health(self, update: int, metrics: dict[str, float]) -> None:
+        if metrics.get("unalignable", 0) > 0 and not self.warned_unalignable:
+            log.warning("update %d: %d utterance(s) have more CTC targets than frames; their loss is zeroed and "
+                        "they are counted as 'unalignable' (check the transcripts, or the model's frame rate)",
+                        update, int(metrics["unalignable"]))
+            self.warned_unalignable = True
+        if self.tokenizer.unknown:
+            log.warning("characters outside the vocabulary were mapped to <unk>: %s", dict(self.tokenizer.unknown))
+            self.tokenizer.unknown.clear()
+
+    def export(self, model: nn.Module, path: Path) -> None:
+        """A standalone fp32 CTC model file with its tokenizer (:func:`speechssl.models.ctc.load_ctc_model`)."""
+        clean = self.build_model()
+        clean.load_state_dict({k: v.float() for k, v in model.state_dict().items()})
+        clean.save(path)

@@ -1,0 +1,178 @@
+"""Transcription and evaluation with a fine-tuned CTC model (greedy decoding).
+
+    python -m finetune transcribe MODEL AUDIO... [--output hyps.tsv]
+    python -m finetune evaluate MODEL DATA [--output DIR]
+
+AUDIO and DATA are audio files, directories (recursive, or a LibriSpeech tree), manifests (TSV,
+JSONL, fairseq) or shard directories. Audio is resampled to the model's 16 kHz. Files that cannot
+be read are skipped, counted and listed with their reason on stderr; evaluation needs transcripts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+SAMPLE_RATE = 16000
+
+
+@dataclass
+class Utterance:
+    id: str
+    audio: np.ndarray  # (S,) float32 at 16 kHz
+    text: str | None
+
+
+def _shard_utterances(directory: Path) -> Iterator[Utterance]:
+    from speechssl.data import DataConfig, make_loader
+
+    config = DataConfig(shards=[str(directory)], max_tokens=SAMPLE_RATE * 600, max_sample_size=SAMPLE_RATE * 600,
+                        min_sample_size=0, crop=False, crop_to_shortest=False, num_workers=0)
+    for batch in make_loader(config, train=False):
+        for key, reason in batch.metadata["skipped"]:
+            yield Utterance(key, np.zeros(0, np.float32), f"\0{reason}")
+        for row, n, meta in zip(batch.waveforms, batch.lengths.tolist(), batch.metadata["samples"], strict=True):
+            yield Utterance(meta.get("id", meta["__key__"]), row[:n].numpy(), meta.get("text"))
+
+
+def read_utterances(inputs: list[str], skipped: Counter) -> Iterator[Utterance]:
+    """Every utterance of ``inputs``, in order; unreadable ones are counted in ``skipped`` by reason."""
+    from data_tools.audio import BadAudio, prepare, read_audio
+    from data_tools.sources import Entry, read_source
+    from speechssl.data.shardset import INDEX
+
+    for name in inputs:
+        path = Path(name)
+        if (path / INDEX).is_file():
+            for utt in _shard_utterances(path):
+                if utt.text is not None and utt.text.startswith("\0"):
+                    skipped[utt.text[1:].split(":")[0]] += 1
+                    print(f"skipped {utt.id}: {utt.text[1:]}", file=sys.stderr)
+                    continue
+                yield utt
+            continue
+        is_audio_file = path.is_file() and path.suffix.lower() not in (".tsv", ".jsonl", ".json", ".txt", ".csv")
+        entries = [Entry(id=path.stem, path=str(path))] if is_audio_file else read_source(path)[0]
+        for entry in entries:
+            try:
+                samples, rate = read_audio(entry.path)
+                audio = prepare(samples, rate, SAMPLE_RATE, min_seconds=0.03, max_seconds=float("inf"))
+            except BadAudio as e:
+                skipped[e.reason] += 1
+                print(f"skipped {entry.id}: {e}", file=sys.stderr)
+                continue
+            yield Utterance(entry.id, audio, entry.text)
+
+
+def _batches(utterances: Iterator[Utterance], max_seconds: float) -> Iterator[list[Utterance]]:
+    batch: list[Utterance] = []
+    for utt in utterances:
+        longest = max([len(u.audio) for u in batch] + [len(utt.audio)])
+        if batch and longest * (len(batch) + 1) > max_seconds * SAMPLE_RATE:
+            yield batch
+            batch = []
+        batch.append(utt)
+    if batch:
+        yield batch
+
+
+@torch.no_grad()
+def transcribe(model, utterances: Iterator[Utterance], device: torch.device,
+               max_seconds: float = 300.0) -> Iterator[tuple[Utterance, str]]:
+    """``(utterance, hypothesis)`` for every utterance, batched by padded audio length."""
+    from finetune.decoding import greedy_decode
+    from finetune.tokenizer import CharTokenizer
+
+    tokenizer = CharTokenizer.from_dict(model.tokenizer)
+    model.eval().to(device)
+    model.extract_per_utterance = True  # transcripts that do not depend on the batching
+    for batch in _batches(utterances, max_seconds):
+        lengths = torch.tensor([len(u.audio) for u in batch])
+        waves = torch.zeros(len(batch), int(lengths.max()))
+        for i, u in enumerate(batch):
+            waves[i, : len(u.audio)] = torch.from_numpy(u.audio)
+        logits, frames = model(waves.to(device), lengths)
+        for utt, ids in zip(batch, greedy_decode(logits, frames, model.blank), strict=True):
+            yield utt, tokenizer.decode(ids)
+
+
+def _load(path: str, device: str):
+    from speechssl.models.ctc import load_ctc_model
+
+    model = load_ctc_model(path)
+    if model.tokenizer is None:
+        raise ValueError(f"{path} has no tokenizer (it was not written by the fine-tuning job)")
+    chosen = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if device == "auto" else device))
+    return model, chosen
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m finetune", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("transcribe", help="print or write id<TAB>transcript")
+    t.add_argument("model", help="a fine-tuned model file (model.pt or best.pt of a fine-tuning run)")
+    t.add_argument("inputs", nargs="+", help="audio files, directories, manifests or shard directories")
+    t.add_argument("--output", help="write id<TAB>transcript lines here instead of stdout")
+    e = sub.add_parser("evaluate", help="WER and CER against the transcripts")
+    e.add_argument("model")
+    e.add_argument("data", nargs="+", help="manifests or shard directories with transcripts")
+    e.add_argument("--output", help="folder for hypotheses.tsv and scores.json")
+    for p in (t, e):
+        p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+        p.add_argument("--batch-seconds", type=float, default=300.0, help="padded audio per batch")
+    args = parser.parse_args(argv)
+    from finetune.decoding import error_counts
+
+    try:
+        model, device = _load(args.model, args.device)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    skipped: Counter = Counter()
+    inputs = args.inputs if args.command == "transcribe" else args.data
+    rows = []
+    out = open(args.output, "w") if args.command == "transcribe" and args.output else sys.stdout  # noqa: SIM115
+    try:
+        for utt, hypothesis in transcribe(model, read_utterances(inputs, skipped), device, args.batch_seconds):
+            if args.command == "transcribe":
+                print(f"{utt.id}\t{hypothesis}", file=out, flush=True)
+            else:
+                if utt.text is None:
+                    print(f"error: {utt.id} has no transcript; evaluate needs labelled data", file=sys.stderr)
+                    return 2
+                rows.append((utt.id, utt.text, hypothesis))
+    finally:
+        if out is not sys.stdout:
+            out.close()
+    if skipped:
+        print(f"skipped {sum(skipped.values())} unreadable input(s): {dict(skipped)}", file=sys.stderr)
+    if args.command == "transcribe":
+        return 0
+    from finetune.tokenizer import CharTokenizer
+
+    tokenizer = CharTokenizer.from_dict(model.tokenizer)
+    references = [tokenizer.decode(tokenizer.encode(text)) for _, text, _ in rows]  # the model's case and spacing
+    counts = error_counts(references, [h for _, _, h in rows])
+    scores = {"wer": counts["word_errors"] / max(counts["words"], 1),
+              "cer": counts["char_errors"] / max(counts["chars"], 1),
+              "utterances": len(rows), "skipped": dict(skipped), **counts}
+    print(json.dumps(scores))
+    if args.output:
+        folder = Path(args.output)
+        folder.mkdir(parents=True, exist_ok=True)
+        with (folder / "hypotheses.tsv").open("w") as f:
+            f.write("id\treference\thypothesis\n")
+            for (uid, _, hyp), ref in zip(rows, references, strict=True):
+                f.write(f"{uid}\t{ref}\t{hyp}\n")
+        (folder / "scores.json").write_text(json.dumps(scores, indent=1) + "\n")
+    return 0

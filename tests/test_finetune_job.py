@@ -1,0 +1,194 @@
+"""The fine-tuning job end to end on CPU: real DeepSpeed, real labelled shards, real audio files."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from data_tools.shards import ShardOptions, make_shards
+from data_tools.synthetic import corpus_entries, render
+from speechssl.models.ctc import load_ctc_model
+from tests.conftest import REPO
+
+CONFIG = str(REPO / "configs/finetune/tiny.yaml")
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+TINY = REPO / "configs/model/tiny_transformer.yaml"
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Labelled synthetic speech: 0.3 h of 40 speakers, 4 of them held out (as the demo's)."""
+    root = tmp_path_factory.mktemp("labelled")
+    entries = corpus_entries(0.3, num_speakers=40, seed=0)
+    dev = {f"spk{i:03d}" for i in range(36, 40)}
+    make_shards([e for e in entries if e.speaker not in dev], root / "train", ShardOptions(max_count=50, workers=2),
+                progress=False)
+    make_shards([e for e in entries if e.speaker in dev], root / "dev", ShardOptions(workers=2), progress=False)
+    # A few held-out utterances as audio files, with a TSV manifest, for transcribe and evaluate.
+    files = root / "files"
+    files.mkdir()
+    rows = ["path\ttext"]
+    for e in [e for e in entries if e.speaker in dev][:5]:
+        sf.write(files / f"{e.id}.wav", render(**e.synth), 16000)
+        rows.append(f"{files / (e.id + '.wav')}\t{e.text}")
+    (root / "dev.tsv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+def _run(module: str, config: str, args: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", module, "--config", config, *args], capture_output=True, text=True,
+                          cwd=REPO, env=ENV, check=False, timeout=1200)
+
+
+def _metrics(out: Path, split: str) -> dict[int, dict]:
+    records = map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+    return {r["update"]: r for r in records if r["split"] == split}
+
+
+def _data(corpus: Path, out: Path) -> list[str]:
+    return [f"data.shards=[{corpus / 'train'}]", f"valid_shards=[{corpus / 'dev'}]", f"trainer.output_dir={out}",
+            "trainer.threads=2", "trainer.checkpoint_every=0", "trainer.log_every=50"]
+
+
+@pytest.fixture(scope="module")
+def finetuned(corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model pretrained as the demo does (800 updates), then fine-tuned with the shipped config."""
+    root = tmp_path_factory.mktemp("runs")
+    pretrained = _run("pretrain", str(REPO / "configs/pretrain/tiny.yaml"), [
+        f"data.shards=[{corpus / 'train'}]", f"valid_shards=[{corpus / 'dev'}]", f"trainer.output_dir={root / 'pt'}",
+        "trainer.max_updates=800", "trainer.validate_every=0", "trainer.checkpoint_every=0", "trainer.threads=2"])
+    assert pretrained.returncode == 0, pretrained.stderr[-3000:]
+    done = _run("finetune", CONFIG, [f"pretrained={root / 'pt'}", *_data(corpus, root / "ctc")])
+    assert done.returncode == 0, done.stderr[-3000:]
+    return root / "ctc"
+
+
+def test_finetuning_reaches_a_low_cer_on_held_out_speakers(finetuned: Path) -> None:
+    valid = _metrics(finetuned, "valid")
+    last = valid[max(valid)]
+    assert last["cer"] < 0.20, last
+    assert valid[min(valid)]["cer"] > last["cer"]
+    best = json.loads((finetuned / "best.json").read_text())
+    assert best["wer"] == min(v["wer"] for v in valid.values())
+    model = load_ctc_model(finetuned / "best.pt")
+    assert model.tokenizer["vocab"][:3] == ["<blank>", "<unk>", "|"] and model.blank == 0
+    assert all(r["unalignable"] == 0 for r in valid.values())
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "finetune", *args], capture_output=True, text=True, cwd=REPO,
+                          env=ENV, check=False, timeout=600)
+
+
+def test_transcribe_and_evaluate_on_files_manifests_and_shards(finetuned: Path, corpus: Path,
+                                                               tmp_path: Path) -> None:
+    model = str(finetuned / "best.pt")
+    files = _cli("transcribe", model, str(corpus / "files"))
+    assert files.returncode == 0, files.stderr[-2000:]
+    by_file = dict(line.split("\t") for line in files.stdout.splitlines())
+    shards = _cli("transcribe", model, str(corpus / "dev"), "--output", str(tmp_path / "hyps.tsv"))
+    assert shards.returncode == 0, shards.stderr[-2000:]
+    by_shard = dict(line.split("\t") for line in (tmp_path / "hyps.tsv").read_text().splitlines())
+    assert len(by_file) == 5 and set(by_file) <= set(by_shard)
+    agree = sum(by_file[k] == by_shard[k] for k in by_file)
+    assert agree == 5, (by_file, {k: by_shard[k] for k in by_file})  # same audio, same transcript
+    scored = _cli("evaluate", model, str(corpus / "dev"), "--output", str(tmp_path / "eval"))
+    assert scored.returncode == 0, scored.stderr[-2000:]
+    scores = json.loads((tmp_path / "eval" / "scores.json").read_text())
+    valid = _metrics(finetuned, "valid")
+    best = json.loads((finetuned / "best.json").read_text())
+    assert scores["wer"] == pytest.approx(valid[best["update"]]["wer"])  # as the job's validation
+    rows = (tmp_path / "eval" / "hypotheses.tsv").read_text().splitlines()
+    assert rows[0] == "id\treference\thypothesis" and len(rows) == 1 + scores["utterances"]
+    manifest = _cli("evaluate", model, str(corpus / "dev.tsv"))
+    assert manifest.returncode == 0 and json.loads(manifest.stdout.splitlines()[-1])["utterances"] == 5
+    (corpus / "files" / "broken.wav").write_bytes(b"RIFF not audio")
+    skipping = _cli("transcribe", model, str(corpus / "files"))
+    assert skipping.returncode == 0 and "skipped 1 unreadable input(s): {'unreadable': 1}" in skipping.stderr
+    (corpus / "files" / "broken.wav").unlink()
+
+
+def _snapshot_script(out: Path) -> str:
+    """The job, with the model's parameters per module recorded after every update."""
+    return f"""
+import sys, torch
+from speechssl.training.trainer import Trainer
+original = Trainer._train_update
+records = []
+def recording(self, group, sums):
+    original(self, group, sums)
+    model = self.engine.module
+    records.append({{name: torch.cat([p.detach().flatten().clone() for p in module.parameters()])
+                    for name, module in model.named_children() if any(True for _ in module.parameters())}})
+    torch.save(records, {str(out)!r})
+Trainer._train_update = recording
+from finetune.__main__ import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("deepspeed", ["zero1_fp32", "zero2_fp32"])
+def test_freezing_schedules_hold_in_the_job(corpus: Path, tmp_path: Path, deepspeed: str) -> None:
+    """Each form: frozen modules do not move, and move once unfrozen (with ZeRO's flat buffers too)."""
+    from speechssl import Wav2Vec2Model, load_model_config
+
+    Wav2Vec2Model(load_model_config(TINY)).save(tmp_path / "init.pt")  # a random "pretrained" model
+    records = tmp_path / "params.pt"
+    args = ["--config", CONFIG, f"pretrained={tmp_path / 'init.pt'}", *_data(corpus, tmp_path / "run"),
+            "trainer.max_updates=6", "trainer.validate_every=0", "trainer.warmup_updates=0", "trainer.log_every=1",
+            f"trainer.deepspeed=configs/deepspeed/{deepspeed}.json",
+            "freeze_updates={feature_extractor: -1, context: 2, frontend: [1, 3], lm_head: [4, -1]}"]
+    done = subprocess.run([sys.executable, "-c", _snapshot_script(records), *args], capture_output=True, text=True,
+                          cwd=REPO, env=ENV, check=False, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    after = torch.load(records)
+    assert len(after) == 6
+    frozen = {"feature_extractor": set(range(6)), "context": {0, 1}, "frontend": {1, 2, 3}, "lm_head": {4, 5}}
+    for module, updates in frozen.items():
+        for update in range(1, 6):  # update u changed the parameters iff the module was not frozen at u
+            moved = not torch.equal(after[update][module], after[update - 1][module])
+            assert moved == (update not in updates), (module, update)
+
+
+def test_a_model_imported_from_torchaudio_fine_tunes(corpus: Path, tmp_path: Path) -> None:
+    import torchaudio
+
+    from speechssl.interop.torchaudio import from_torchaudio
+
+    reference = torchaudio.models.wav2vec2_model(
+        extractor_mode="group_norm", extractor_conv_layer_config=[(32, 10, 5)] + [(32, 3, 2)] * 4 + [(32, 2, 2)] * 2,
+        extractor_conv_bias=False, encoder_embed_dim=48, encoder_projection_dropout=0.0, encoder_pos_conv_kernel=16,
+        encoder_pos_conv_groups=4, encoder_num_layers=2, encoder_num_heads=4, encoder_attention_dropout=0.0,
+        encoder_ff_interm_features=96, encoder_ff_interm_dropout=0.0, encoder_dropout=0.0,
+        encoder_layer_norm_first=False, encoder_layer_drop=0.0, aux_num_out=None)
+    imported = from_torchaudio(reference)
+    imported.save(tmp_path / "imported.pt")
+    done = _run("finetune", CONFIG, [f"pretrained={tmp_path / 'imported.pt'}", *_data(corpus, tmp_path / "run"),
+                                     "trainer.max_updates=4", "trainer.validate_every=4", "trainer.log_every=1"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    train = _metrics(tmp_path / "run", "train")
+    assert sorted(train) == [1, 2, 3, 4] and all(np.isfinite(r["loss"]) and r["loss"] > 0 for r in train.values())
+    model = load_ctc_model(tmp_path / "run" / "model.pt")
+    state = model.state_dict()
+    # The encoder's weights are torchaudio's, untouched where frozen (the extractor, the whole run).
+    ta_conv = reference.state_dict()["feature_extractor.conv_layers.0.conv.weight"]
+    assert torch.equal(state["feature_extractor.blocks.0.conv.weight"], ta_conv)
+    assert model.config.context.embed_dim == 48
+
+
+def test_config_errors_name_the_key(corpus: Path, tmp_path: Path) -> None:
+    cases = [(["freeze_updates={encoder: 5}"], "freeze_updates.encoder: unknown module"),
+             ([f"pretrained={tmp_path / 'nothing'}"], "pretrained:")]
+    for extra, words in cases:
+        done = subprocess.run([sys.executable, "-m", "finetune", "--config", CONFIG, *_data(corpus, tmp_path / "x"),
+                               *extra], capture_output=True, text=True, cwd=REPO, env=ENV, check=False, timeout=300)
+        assert done.returncode == 2 and words in done.stderr, done.stderr[-2000:]
+    assert not (tmp_path / "x").exists()
