@@ -53,7 +53,8 @@ class FinetuneTask:
     def build_model(self) -> nn.Module:
         model = CTCModel(self.model_config, len(self.tokenizer), blank=self.tokenizer.blank,
                          final_dropout=self.config.final_dropout, vocab=self.tokenizer.vocab,
-                         tokenizer=self.tokenizer.to_dict(), freeze_updates=self.config.freeze_updates)
+                         tokenizer=self.tokenizer.to_dict(), freeze_updates=self.config.freeze_updates,
+                         normalize_audio=self.config.data.normalize)
         shared = {k: v for k, v in self.encoder.state_dict().items()
                   if k.startswith(("feature_extractor.", "frontend.", "context."))}
         missing, _ = model.load_state_dict(shared, strict=False)

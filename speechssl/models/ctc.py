@@ -23,15 +23,17 @@ class CTCModel(SpeechEncoder):
     """``forward(waveforms (B, S), lengths (B,))`` -> ``(logits (B, T, vocab_size), frames (B,))``.
 
     vocab: the token strings (index = class), when known; blank: the CTC blank index.
-    tokenizer: the tokenizer's settings (``to_dict()``), saved with the model. freeze_updates: a
+    tokenizer: the tokenizer's settings (``to_dict()``), saved with the model. normalize_audio:
+    whether it was trained on audio normalised per utterance (``data.normalize``), so inference
+    does the same. freeze_updates: a
     freezing schedule (:mod:`speechssl.training.freezing`), applied by :meth:`set_num_updates`.
     """
 
     def __init__(self, config: ModelConfig, vocab_size: int, blank: int = 0, final_dropout: float = 0.0,
                  vocab: list[str] | None = None, tokenizer: dict | None = None,
-                 freeze_updates: dict[str, Any] | None = None):
+                 freeze_updates: dict[str, Any] | None = None, normalize_audio: bool = False):
         super().__init__(config)
-        self.tokenizer = tokenizer
+        self.tokenizer, self.normalize_audio = tokenizer, normalize_audio
         self.freeze_updates = check_schedule(freeze_updates or {})
         self.frozen = frozen_modules(self.freeze_updates, 0)
         check(vocab_size >= 2, "vocab_size", f"needs the blank and at least one token, got {vocab_size}")
@@ -75,7 +77,8 @@ class CTCModel(SpeechEncoder):
         """One standalone file with the config, the vocabulary and the weights (:func:`load_ctc_model`)."""
         torch.save({"format": FORMAT, "version": 1, "config": to_dict(self.config), "vocab_size": self.vocab_size,
                     "blank": self.blank, "final_dropout": self.final_dropout.p, "vocab": self.vocab,
-                    "tokenizer": self.tokenizer, "state_dict": self.state_dict()}, path)
+                    "tokenizer": self.tokenizer, "normalize_audio": self.normalize_audio,
+                    "state_dict": self.state_dict()}, path)
 
 
 def load_ctc_model(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> CTCModel:
@@ -84,6 +87,6 @@ def load_ctc_model(path: str | os.PathLike, map_location: str | torch.device = "
     if not isinstance(blob, dict) or blob.get("format") != FORMAT:
         raise ValueError(f"{path} is not a speechssl CTC model file (saved with CTCModel.save)")
     model = CTCModel(load_model_config(blob["config"]), blob["vocab_size"], blob["blank"], blob["final_dropout"],
-                     blob["vocab"], blob.get("tokenizer"))
+                     blob["vocab"], blob.get("tokenizer"), normalize_audio=blob.get("normalize_audio", False))
     model.load_state_dict(blob["state_dict"])
     return model
