@@ -12,8 +12,8 @@
 4. Dev CER and WER of each best model (``python -m finetune evaluate``), as a JSON summary and a
    Markdown table.
 
-The fine-tuning runs share the GPU, two at a time. ``--quick`` shrinks everything to check the
-script on a CPU.
+The four fine-tuning runs share the GPU (``--parallel`` at a time). ``--quick`` shrinks
+everything to check the script on a CPU.
 """
 
 from __future__ import annotations
@@ -56,8 +56,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--an4", default="../shared/data/an4", help="folder with train.tsv and audio/")
     parser.add_argument("--output", default="runs/an4")
-    parser.add_argument("--pretrain-updates", type=int, default=1200)
+    parser.add_argument("--pretrain-updates", type=int, default=2400)
+    parser.add_argument("--pretrain-lr", type=float, default=1e-3)
     parser.add_argument("--finetune-updates", type=int, default=1500)
+    parser.add_argument("--finetune-lr", type=float, default=5e-4)
+    parser.add_argument("--parallel", type=int, default=4, help="fine-tuning runs at a time")
     parser.add_argument("--workers", type=int, default=12, help="loader workers of the pretraining run")
     parser.add_argument("--quick", action="store_true", help="a few updates of a tiny model (CPU check)")
     args = parser.parse_args()
@@ -87,20 +90,20 @@ def main() -> int:
                              *small, f"data.shards=[{data / 'train'}]", f"valid_shards=[{data / 'dev'}]",
                              "data.min_sample_size=8000", "data.max_tokens=700000", f"data.num_workers={args.workers}",
                              f"trainer.output_dir={pretrained}", f"trainer.max_updates={pretrain_updates}",
-                             "trainer.warmup_updates=300", "trainer.validate_every=400", "trainer.checkpoint_every=0",
+                             f"trainer.lr={args.pretrain_lr}", "trainer.warmup_updates=300",
+                             "trainer.validate_every=400", "trainer.checkpoint_every=0",
                              "trainer.log_every=50", *device], out / "pretrain.log")
     random_init = out / "random_init.pt"
     subprocess.run([py, "-c", "import sys; from speechssl import Wav2Vec2Model, load_model_config; "
                     "Wav2Vec2Model(load_model_config(sys.argv[1], [o.removeprefix('model.') for o in sys.argv[3:]]))"
                     ".save(sys.argv[2])", model, str(random_init), *small], check=True)
 
-    # 3. fine-tuning: pretrained and random, 10% and 100% of the labels, two runs at a time
-    common = ["configs/finetune/tiny.yaml", f"valid_shards=[{data / 'dev'}]", "model.masking.mask_prob=0.5",
-              "model.masking.mask_length=10", "model.masking.channel_prob=0.1", "model.masking.channel_length=64",
-              "data.normalize=true", "data.max_tokens=480000", "data.num_workers=4",
-              f"trainer.max_updates={finetune_updates}",
-              "trainer.lr=0.0003", "trainer.validate_every=250", "trainer.checkpoint_every=0", "trainer.log_every=50",
-              *device]
+    # 3. fine-tuning: pretrained and random, 10% and 100% of the labels, side by side
+    common = ["configs/finetune/tiny.yaml", f"valid_shards=[{data / 'dev'}]", "model.masking.mask_prob=0.3",
+              "model.masking.mask_length=10", "model.masking.channel_prob=0.05", "model.masking.channel_length=64",
+              "data.normalize=true", "data.max_tokens=480000", "data.num_workers=3",
+              f"trainer.max_updates={finetune_updates}", f"trainer.lr={args.finetune_lr}",
+              "trainer.validate_every=250", "trainer.checkpoint_every=0", "trainer.log_every=50", *device]
     runs = {}
     for init, source in (("pretrained", str(pretrained)), ("random", str(random_init))):
         for labels, shards in (("10%", "train10"), ("100%", "train")):
@@ -110,15 +113,15 @@ def main() -> int:
                                          f"data.shards=[{data / shards}]", f"trainer.output_dir={out / name}",
                                          *common[1:], *extra])
     names = list(runs)
-    for pair in (names[0::2], names[1::2]):  # (pretrained 10%, random 10%), then the 100% runs
+    for first in range(0, len(names), args.parallel):
+        group = names[first: first + args.parallel]
         start = time.perf_counter()
         procs = {n: subprocess.Popen(runs[n][2], stdout=(out / f"{n}.log").open("w"), stderr=subprocess.STDOUT)
-                 for n in pair}
+                 for n in group}
         for n, p in procs.items():
             if p.wait() != 0:
                 sys.exit(f"fine-tuning {n} failed; see {out / (n + '.log')}")
-        for n in pair:
-            times[f"finetune {n} (two at a time)"] = time.perf_counter() - start
+        times[f"finetune {', '.join(group)} (side by side)"] = time.perf_counter() - start
 
     # 4. dev scores of the best models
     results = []
