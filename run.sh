@@ -25,7 +25,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     "$VENV/bin/python" -m pip install -q --no-deps -c constraints.txt zipformer
     echo "$want" > "$stamp"
 fi
-export PATH="$PWD/$VENV/bin:$PATH"
+export PATH="$(cd "$VENV" && pwd)/bin:$PATH"
 
 cmd=${1:-}
 shift || true
