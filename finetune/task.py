@@ -51,17 +51,11 @@ class FinetuneTask:
         self.warned_unalignable = False
 
     def build_model(self) -> nn.Module:
-        model = CTCModel(self.model_config, len(self.tokenizer), blank=self.tokenizer.blank,
-                         final_dropout=self.config.final_dropout, vocab=self.tokenizer.vocab,
-                         tokenizer=self.tokenizer.to_dict(), freeze_updates=self.config.freeze_updates,
-                         normalize_audio=self.config.data.normalize)
-        shared = {k: v for k, v in self.encoder.state_dict().items()
-                  if k.startswith(("feature_extractor.", "frontend.", "context."))}
-        missing, _ = model.load_state_dict(shared, strict=False)
-        fresh = sorted({k.split(".")[0] for k in missing})
-        if fresh != ["lm_head"]:
-            raise ValueError(f"the pretrained model does not provide {fresh}: is it a speech encoder of this kind?")
-        return model
+        return CTCModel.from_pretrained(self.encoder, len(self.tokenizer), config=self.model_config,
+                                        blank=self.tokenizer.blank, final_dropout=self.config.final_dropout,
+                                        vocab=self.tokenizer.vocab, tokenizer=self.tokenizer.to_dict(),
+                                        freeze_updates=self.config.freeze_updates,
+                                        normalize_audio=self.config.data.normalize)
 
     # ------------------------------------------------------------------ the optimizer's view
 

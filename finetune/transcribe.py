@@ -31,14 +31,19 @@ class Utterance:
     text: str | None
 
 
-def _shard_utterances(directory: Path) -> Iterator[Utterance]:
+def _skip(skipped: Counter, name: str, reason: str, detail: str) -> None:
+    skipped[reason] += 1
+    print(f"skipped {name}: {detail}", file=sys.stderr)
+
+
+def _shard_utterances(directory: Path, skipped: Counter) -> Iterator[Utterance]:
     from speechssl.data import DataConfig, make_loader
 
     config = DataConfig(shards=[str(directory)], max_tokens=SAMPLE_RATE * 600, max_sample_size=SAMPLE_RATE * 600,
                         min_sample_size=0, crop=False, crop_to_shortest=False, num_workers=0)
     for batch in make_loader(config, train=False):
         for key, reason in batch.metadata["skipped"]:
-            yield Utterance(key, np.zeros(0, np.float32), f"\0{reason}")
+            _skip(skipped, key, reason.split(":")[0], reason)
         for row, n, meta in zip(batch.waveforms, batch.lengths.tolist(), batch.metadata["samples"], strict=True):
             yield Utterance(meta.get("id", meta["__key__"]), row[:n].numpy(), meta.get("text"))
 
@@ -52,12 +57,7 @@ def read_utterances(inputs: list[str], skipped: Counter) -> Iterator[Utterance]:
     for name in inputs:
         path = Path(name)
         if (path / INDEX).is_file():
-            for utt in _shard_utterances(path):
-                if utt.text is not None and utt.text.startswith("\0"):
-                    skipped[utt.text[1:].split(":")[0]] += 1
-                    print(f"skipped {utt.id}: {utt.text[1:]}", file=sys.stderr)
-                    continue
-                yield utt
+            yield from _shard_utterances(path, skipped)
             continue
         is_audio_file = path.is_file() and path.suffix.lower() not in (".tsv", ".jsonl", ".json", ".txt", ".csv")
         entries = [Entry(id=path.stem, path=str(path))] if is_audio_file else read_source(path)[0]
@@ -66,8 +66,7 @@ def read_utterances(inputs: list[str], skipped: Counter) -> Iterator[Utterance]:
                 samples, rate = read_audio(entry.path)
                 audio = prepare(samples, rate, SAMPLE_RATE, min_seconds=0.03, max_seconds=float("inf"))
             except BadAudio as e:
-                skipped[e.reason] += 1
-                print(f"skipped {entry.id}: {e}", file=sys.stderr)
+                _skip(skipped, entry.id, e.reason, str(e))
                 continue
             yield Utterance(entry.id, audio, entry.text)
 

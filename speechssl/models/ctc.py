@@ -35,7 +35,6 @@ class CTCModel(SpeechEncoder):
         super().__init__(config)
         self.tokenizer, self.normalize_audio = tokenizer, normalize_audio
         self.freeze_updates = check_schedule(freeze_updates or {})
-        self.frozen = frozen_modules(self.freeze_updates, 0)
         check(vocab_size >= 2, "vocab_size", f"needs the blank and at least one token, got {vocab_size}")
         check(0 <= blank < vocab_size, "blank", f"must index the vocabulary of {vocab_size}, got {blank}")
         check(vocab is None or len(vocab) == vocab_size, "vocab", f"must list {vocab_size} tokens")
@@ -44,22 +43,27 @@ class CTCModel(SpeechEncoder):
         self.lm_head = nn.Linear(self.context.output_dim, vocab_size)
 
     @classmethod
-    def from_pretrained(cls, encoder: SpeechEncoder, vocab_size: int, **kwargs: Any) -> CTCModel:
+    def from_pretrained(cls, encoder: SpeechEncoder, vocab_size: int, config: ModelConfig | None = None,
+                        **kwargs: Any) -> CTCModel:
         """A CTC model whose encoder weights are copied from ``encoder`` (a pretraining model); the
-        head is freshly initialised."""
-        model = cls(encoder.config, vocab_size, **kwargs)
+        head is freshly initialised. ``config``: the encoder's config changed for fine-tuning
+        (dropouts, masking; the same shapes), else ``encoder.config``."""
+        model = cls(config or encoder.config, vocab_size, **kwargs)
         shared = {k: v for k, v in encoder.state_dict().items()
                   if k.startswith(("feature_extractor.", "frontend.", "context."))}
-        model.load_state_dict(shared, strict=False)
+        missing, _ = model.load_state_dict(shared, strict=False)
+        fresh = sorted({k.split(".")[0] for k in missing})
+        if fresh != ["lm_head"]:
+            raise ValueError(f"the pretrained model does not provide {fresh}: is it a speech encoder of this kind?")
         return model
 
     def set_num_updates(self, num_updates: int) -> None:
         """Follow the update count; a module frozen now gets no gradients (they still flow through
         it to the modules before it)."""
         super().set_num_updates(num_updates)
-        self.frozen = frozen_modules(self.freeze_updates, num_updates)
+        frozen = frozen_modules(self.freeze_updates, num_updates)
         for name, module in self.named_children():
-            module.requires_grad_(name not in self.frozen)
+            module.requires_grad_(name not in frozen)
 
     def forward(self, waveforms: Tensor, lengths: Tensor | None = None,
                 check_values: bool | None = None) -> tuple[Tensor, Tensor | None]:

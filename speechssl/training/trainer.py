@@ -136,9 +136,7 @@ class Trainer:
         else:
             optimizer = torch.optim.AdamW(groups, lr=c.lr, betas=tuple(c.adam_betas), eps=c.adam_eps)
         schedule = lr_lambda(c, hours_per_update)
-        factor = getattr(self.task, "lr_factor", None)
-        if factor is None:
-            return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        factor = getattr(self.task, "lr_factor", lambda key, step: 1.0)
         lambdas = [lambda step, key=key: schedule(step) * factor(key, step) for key in keys]
         return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
 

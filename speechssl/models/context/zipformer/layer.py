@@ -340,6 +340,17 @@ class ZipformerLayer(nn.Module):
         return ([torch.zeros(batch_size, left_frames, width, device=device) for width in widths]
                 + [torch.zeros(conv_cache, device=device), torch.zeros(conv_cache, device=device)])
 
+    def _conv_then_feed_forward(self, x: Tensor, conv_module: ConvolutionModule, conv_cache: Tensor | None,
+                                feed_forward: FeedForward, balancer: Balancer, ff_skip_rate: FloatLike,
+                                frame_padding: Tensor | None, chunk_size: int) -> tuple[Tensor, Tensor | None]:
+        """A convolution module then a balanced feed-forward, each residual and skipped on a random
+        share of the sequences in training. Returns ``x`` and the convolution's new cache."""
+        conv_keep = _sequence_keep(x, self.conv_skip_rate, self.training)
+        conv, conv_cache = conv_module(x, frame_padding, chunk_size, conv_cache)
+        x = x + _apply(conv, conv_keep)
+        ff_keep = _sequence_keep(x, ff_skip_rate, self.training)
+        return x + _apply(balancer(feed_forward(x)), ff_keep), conv_cache
+
     def forward(self, x: Tensor, pos_emb: Tensor, padding_mask: Tensor | None = None,
                 attn_mask: Tensor | None = None, chunk_size: int = -1,
                 state: list[Tensor] | None = None) -> tuple[Tensor, list[Tensor] | None]:
@@ -368,21 +379,15 @@ class ZipformerLayer(nn.Module):
         attn, values1 = self.self_attn1(x, weights, cached_v1)
         x = x + _apply(attn, attn_keep)
 
-        conv_keep = _sequence_keep(x, self.conv_skip_rate, training)
-        conv, conv1 = self.conv_module1(x, frame_padding, chunk_size, conv1)
-        x = x + _apply(conv, conv_keep)
-        ff2_keep = _sequence_keep(x, self.ff2_skip_rate, training)
-        x = x + _apply(self.balancer_ff2(self.feed_forward2(x)), ff2_keep)
+        x, conv1 = self._conv_then_feed_forward(x, self.conv_module1, conv1, self.feed_forward2, self.balancer_ff2,
+                                                self.ff2_skip_rate, frame_padding, chunk_size)
 
         x = self.bypass_mid(x_orig, x)
 
         attn, values2 = self.self_attn2(x, weights, cached_v2)
         x = x + _apply(attn, attn_keep)
-        conv_keep = _sequence_keep(x, self.conv_skip_rate, training)
-        conv, conv2 = self.conv_module2(x, frame_padding, chunk_size, conv2)
-        x = x + _apply(conv, conv_keep)
-        ff3_keep = _sequence_keep(x, self.ff3_skip_rate, training)
-        x = x + _apply(self.balancer_ff3(self.feed_forward3(x)), ff3_keep)
+        x, conv2 = self._conv_then_feed_forward(x, self.conv_module2, conv2, self.feed_forward3, self.balancer_ff3,
+                                                self.ff3_skip_rate, frame_padding, chunk_size)
 
         x = self.norm(self.balancer1(x))
         x = self.bypass(x_orig, x)
