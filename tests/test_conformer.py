@@ -3,13 +3,15 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
 from pretrain.overfit import OverfitConfig, run
 from speechssl import ConfigError, Wav2Vec2Model, load_model, load_model_config
 from speechssl.config import build
-from speechssl.models.context.conformer import ConformerConfig, ConformerContext, relative_shift
+from speechssl.models.context.conformer import ConformerConfig, ConformerContext, ConvolutionModule, relative_shift
 from tests.conftest import REPO
 
 TINY = REPO / "configs/model/tiny_conformer.yaml"
@@ -128,3 +130,23 @@ def test_tiny_conformer_learns() -> None:
     last = sum(h["contrastive"] for h in history[-10:]) / 10
     assert last <= 0.5 * first, (first, last)
     assert min(h["prob_ppl"] for h in history[-10:]) > 2 * config.model.quantizer.num_groups
+
+
+def test_batch_norm_runs_with_bf16_weights_and_fp32_statistics() -> None:
+    """DeepSpeed's bf16 engine casts parameters, not buffers: the convolution module's BatchNorm
+    must accept bf16 inputs and weights with fp32 running statistics, and keep the statistics fp32."""
+    torch.manual_seed(0)
+    reference = ConvolutionModule(ConformerConfig(embed_dim=16, num_heads=2, ffn_dim=32, depthwise_conv_kernel=5,
+                                                  conv_dropout=0.0))
+    half = copy.deepcopy(reference)
+    for p in half.parameters():
+        p.data = p.data.bfloat16()
+    x = torch.randn(2, 12, 16)
+    for train in (True, False):
+        reference.train(train), half.train(train)
+        out = half(x.bfloat16(), None)
+        assert out.dtype == torch.bfloat16
+        torch.testing.assert_close(out.float(), reference(x, None), atol=0.05, rtol=0.05)
+    bn = half.batch_norm
+    assert bn.running_mean.dtype == torch.float32 and int(bn.num_batches_tracked) == 1
+    torch.testing.assert_close(bn.running_mean, reference.batch_norm.running_mean, atol=1e-2, rtol=0)

@@ -223,6 +223,20 @@ class ConformerFeedForward(nn.Module):
         return self.dropout(self.fc2(self.activation_dropout(self.activation(self.fc1(x)))))
 
 
+class BatchNorm1dFP32(nn.BatchNorm1d):
+    """BatchNorm1d that normalises in fp32 and returns the input's dtype: ``(B, C, T) -> (B, C, T)``.
+
+    DeepSpeed's bf16/fp16 engines cast the parameters but keep the running statistics in fp32, which
+    ``F.batch_norm`` refuses; fp32 statistics are also the accurate choice. Same state dict as
+    ``nn.BatchNorm1d``."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.training:
+            self.num_batches_tracked.add_(1)
+        return F.batch_norm(x.float(), self.running_mean, self.running_var, self.weight.float(), self.bias.float(),
+                            self.training, self.momentum, self.eps).to(x.dtype)
+
+
 class ConvolutionModule(nn.Module):
     """LayerNorm, pointwise conv to 2D with GLU, depthwise conv, BatchNorm, activation, pointwise
     conv, dropout: ``(B, T, D) -> (B, T, D)``. The pointwise convs are Linear layers (the same
@@ -235,7 +249,7 @@ class ConvolutionModule(nn.Module):
         self.pointwise_conv1 = nn.Linear(dim, 2 * dim, bias=False)
         self.depthwise_conv = nn.Conv1d(dim, dim, config.depthwise_conv_kernel,
                                         padding=(config.depthwise_conv_kernel - 1) // 2, groups=dim, bias=False)
-        self.batch_norm = nn.BatchNorm1d(dim)
+        self.batch_norm = BatchNorm1dFP32(dim)
         self.activation = ACTIVATIONS[config.activation]
         self.pointwise_conv2 = nn.Linear(dim, dim, bias=False)
         self.dropout = nn.Dropout(config.conv_dropout)
