@@ -118,6 +118,16 @@ def test_resume_continues_the_uninterrupted_run(shards: Path, tmp_path: Path) ->
     assert report.returncode == 0 and (tmp_path / "a" / "report.png").stat().st_size > 10_000
 
 
+def test_max_minutes_ends_the_run_with_a_checkpoint_and_the_model(shards: Path, tmp_path: Path) -> None:
+    out = _run(_args(shards, tmp_path / "t", max_minutes=1e-6, validate_every=100, checkpoint_every=100))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "trainer.max_minutes (1e-06) reached at update 1" in out.stderr
+    assert sorted(_metrics(tmp_path / "t")) == [1]
+    assert [p.name for p in (tmp_path / "t" / "checkpoints").iterdir() if p.is_dir()] == ["update_00000001"]
+    assert _metrics(tmp_path / "t", "valid")  # validated at its last update, as at max_updates
+    assert load_model(tmp_path / "t" / "model.pt").config.context.num_layers == 2
+
+
 KILL_DURING_SAVE = f"""
 import os, sys
 from speechssl.training import checkpoint

@@ -48,6 +48,9 @@ class TrainerConfig:
     GPU if there is one), ``cpu`` or ``cuda``. threads: CPU threads per process (0: torch's choice).
     stop_at: end this run (with a checkpoint) at that update without changing the schedule, e.g.
     to fit a time limit; ``resume: auto`` goes on from there (0: run to max_updates).
+    max_minutes: end this run at the first update after that many minutes of training (counted
+    from the first update, start-up excluded), with a checkpoint and the exported model as at
+    max_updates; the LR schedule still follows max_updates (0: no limit).
     record_samples: every rank appends the keys of the utterances of each update to
     ``samples.rank{r}.jsonl`` (to audit data order and sharding).
     """
@@ -81,6 +84,7 @@ class TrainerConfig:
     device: str = "auto"
     threads: int = 0
     stop_at: int = 0
+    max_minutes: float = 0.0
     record_samples: bool = False
 
     def __post_init__(self) -> None:
@@ -104,6 +108,7 @@ class TrainerConfig:
         check(self.keep_checkpoints >= 1, "trainer.keep_checkpoints", "must be >= 1")
         check(self.device in ("auto", "cpu", "cuda"), "trainer.device", "must be auto, cpu or cuda")
         check(self.stop_at >= 0, "trainer.stop_at", "must be >= 0")
+        check(self.max_minutes >= 0, "trainer.max_minutes", "must be >= 0")
 
 
 def _find(path: str) -> Path:

@@ -221,6 +221,15 @@ class Trainer:
         norms = [p.grad.float().norm() for p in self.engine.module.parameters() if p.grad is not None]
         return bool(torch.isfinite(torch.stack(norms).sum()).item()) if norms else True
 
+    def _out_of_time(self, started: float) -> bool:
+        """Whether ``trainer.max_minutes`` has passed; rank 0's clock decides for every rank."""
+        if not self.cfg.max_minutes:
+            return False
+        late = float(self.rank == 0 and time.perf_counter() - started >= 60 * self.cfg.max_minutes)
+        if self.world_size > 1:
+            late = all_reduce_sum([late], self.device)[0]
+        return late > 0
+
     def _reduce(self, sums: dict[str, Any]) -> dict[str, float]:
         """Sum the stats over ranks (collective: every rank calls it with the same keys)."""
         keys = ["loss", "sample_size", "audio_seconds", *self.task.stat_keys]
@@ -299,9 +308,11 @@ class Trainer:
         tick = time.perf_counter()
         groups = self._micro_batches()
         end = min(cfg.max_updates, cfg.stop_at) if cfg.stop_at else cfg.max_updates
+        started, out_of_time = time.perf_counter(), False
         while self.update < end:
             self._train_update(next(groups), sums)
-            done = self.update >= end
+            out_of_time = self._out_of_time(started)
+            done = self.update >= end or out_of_time
             if cfg.log_every and (self.update % cfg.log_every == 0 or done):
                 reduced = self._reduce(sums)
                 elapsed = time.perf_counter() - tick
@@ -329,9 +340,12 @@ class Trainer:
             if (cfg.checkpoint_every and self.update % cfg.checkpoint_every == 0) or done:
                 ckpt = self._save()
             bar.update(1)
+            if out_of_time:
+                log.info("trainer.max_minutes (%g) reached at update %d; stopping", cfg.max_minutes, self.update)
+                break
         bar.close()
         model_path = self.output / "model.pt"
-        if self.rank == 0 and self.update >= cfg.max_updates:
+        if self.rank == 0 and (self.update >= cfg.max_updates or out_of_time):
             self.task.export(self.engine.module, model_path)
             if self.writer is not None:
                 self.writer.close()
