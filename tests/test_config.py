@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from pretrain.config import PretrainConfig
@@ -40,6 +42,15 @@ def test_stable_base_differs_from_base_in_layout_and_diversity_weight() -> None:
         "extractor.mode=layer_norm", "extractor.conv_bias=true", "context.layer_norm_first=true",
         "loss.feature_penalty_weight=0.0", "feature_grad_mult=1.0", "loss.diversity_weight=0.5"])
     assert stable == relaid
+
+
+def test_small_conformer_is_the_stable_layout_with_conformer_blocks() -> None:
+    small = load_model_config(str(MODELS / "small_conformer_stable.yaml"))
+    stable = load_model_config(str(MODELS / "base_transformer_stable.yaml"), ["loss.diversity_weight=1.0"])
+    assert dataclasses.replace(small, context=stable.context) == stable
+    assert (small.context.type, small.context.embed_dim, small.context.num_layers) == ("conformer", 384, 6)
+    model = Wav2Vec2Model(small)
+    assert round(sum(p.numel() for p in model.parameters()) / 1e6, 1) == 25.5  # as its header says
 
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in (REPO / "configs/pretrain").glob("*.yaml")
