@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -114,6 +116,35 @@ def test_transcribe_and_evaluate_on_files_manifests_and_shards(finetuned: Path, 
     skipping = _cli("transcribe", model, str(corpus / "files"))
     assert skipping.returncode == 0 and "skipped 1 unreadable input(s): {'unreadable': 1}" in skipping.stderr
     (corpus / "files" / "broken.wav").unlink()
+
+
+def test_two_ranks_fine_tune_and_validate_on_the_whole_dev_set(finetuned: Path, corpus: Path,
+                                                                 tmp_path: Path) -> None:
+    """Under the deepspeed launcher (2 CPU ranks, ZeRO-2): each rank trains on its own data, and the
+    validation WER/CER, summed over the ranks, equals one process's evaluation of the same model."""
+    deepspeed = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or shutil.which("deepspeed")
+    assert deepspeed, "the deepspeed launcher is not installed"
+    out = tmp_path / "two"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = [f"pretrained={finetuned.parent / 'pt'}", *_data(corpus, out), "trainer.max_updates=30",
+            "trainer.validate_every=30", "trainer.record_samples=true", "trainer.threads=1",
+            "trainer.deepspeed=configs/deepspeed/zero2_fp32.json"]
+    done = subprocess.run([deepspeed, "--num_gpus", "2", "--master_port", str(port), "--module", "finetune",
+                           "--config", CONFIG, *args], capture_output=True, text=True, cwd=REPO, env=ENV,
+                          check=False, timeout=1200)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    assert json.loads((out / "world.json").read_text())["world_size"] == 2
+    seen = [{k for u in map(json.loads, (out / f"samples.rank{r}.jsonl").read_text().splitlines())
+             if u["update"] <= 10 for k in u["keys"]} for r in (0, 1)]  # within the first epoch
+    assert seen[0] and seen[1] and not seen[0] & seen[1]
+    valid = _metrics(out, "valid")[30]
+    scored = _cli("evaluate", str(out / "model.pt"), str(corpus / "dev"))
+    assert scored.returncode == 0, scored.stderr[-2000:]
+    scores = json.loads(scored.stdout.splitlines()[-1])
+    assert valid["utterances"] == scores["utterances"] > 10  # every dev utterance once, over both ranks
+    assert valid["wer"] == pytest.approx(scores["wer"]) and valid["cer"] == pytest.approx(scores["cer"])
 
 
 def _snapshot_script(out: Path) -> str:
