@@ -1,12 +1,16 @@
-"""CTC fine-tuning: the tokenizer and the freezing schedules."""
+"""CTC fine-tuning: the tokenizer, the freezing schedules and the shipped configs."""
 
 from __future__ import annotations
 
 import pytest
 
+from finetune.config import FinetuneConfig
+from finetune.task import _flatten
 from finetune.tokenizer import CharTokenizer
-from speechssl.config import ConfigError
+from speechssl.config import ConfigError, build, load_model_config, to_dict
+from speechssl.training.config import deepspeed_config
 from speechssl.training.freezing import check_schedule, frozen_modules, is_frozen
+from tests.conftest import REPO
 
 
 def test_tokenizer_round_trips_and_counts_unknown_characters() -> None:
@@ -46,3 +50,21 @@ def test_freeze_schedule_checks() -> None:
                        ({"context": [1, 2, 3]}, "must be -1, N or \\[a, b\\]")]:
         with pytest.raises(ConfigError, match=words):
             check_schedule(bad)
+
+
+@pytest.mark.parametrize(("name", "model"), [("tiny", "tiny_transformer"), ("base_10h", "base_transformer")])
+def test_shipped_finetune_configs_load_and_apply_to_their_model(name: str, model: str) -> None:
+    config = build(FinetuneConfig, str(REPO / f"configs/finetune/{name}.yaml"), [])
+    deepspeed_config(config.trainer, on_gpu=True)  # the optimizer and the DeepSpeed JSON agree
+    pretrained = load_model_config(str(REPO / f"configs/model/{model}.yaml"))
+    tuned = load_model_config(to_dict(pretrained), _flatten(config.model))
+    for key, value in {"masking.mask_prob": config.model["masking"]["mask_prob"],
+                       "masking.channel_prob": config.model["masking"]["channel_prob"]}.items():
+        section, field = key.split(".")
+        assert getattr(getattr(tuned, section), field) == value
+    if name == "base_10h":  # fairseq's base_10h.yaml and Wav2Vec2AsrConfig
+        assert (tuned.context.dropout, tuned.context.attention_dropout, tuned.context.activation_dropout,
+                tuned.context.layer_drop, tuned.dropout_input) == (0.0, 0.0, 0.1, 0.05, 0.0)
+        assert tuned.extractor == pretrained.extractor and tuned.context.num_layers == 12
+        assert config.freeze_updates == {"feature_extractor": -1, "frontend": 10000, "context": 10000}
+        assert (config.trainer.lr, config.trainer.max_updates, config.trainer.update_freq) == (5e-5, 20000, 4)
