@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from finetune.config import FinetuneConfig
 from finetune.task import _flatten
 from finetune.tokenizer import CharTokenizer
 from speechssl.config import ConfigError, build, load_model_config, to_dict
+from speechssl.models.ctc import CTCModel
 from speechssl.training.config import deepspeed_config
 from speechssl.training.freezing import check_schedule, frozen_modules, is_frozen
 from tests.conftest import REPO
@@ -68,3 +70,23 @@ def test_shipped_finetune_configs_load_and_apply_to_their_model(name: str, model
         assert tuned.extractor == pretrained.extractor and tuned.context.num_layers == 12
         assert config.freeze_updates == {"feature_extractor": -1, "frontend": 10000, "context": 10000}
         assert (config.trainer.lr, config.trainer.max_updates, config.trainer.update_freq) == (5e-5, 20000, 4)
+
+
+def test_a_frozen_module_runs_in_eval_mode_and_keeps_its_batch_norm_statistics() -> None:
+    """NeMo's freeze(): a frozen Conformer context has no dropout and its BatchNorm statistics
+    stay as they were, also through train(); it trains normally once unfrozen."""
+    torch.manual_seed(0)
+    config = load_model_config(str(REPO / "configs/model/tiny_conformer.yaml"))
+    model = CTCModel(config, vocab_size=5, freeze_updates={"feature_extractor": -1, "context": 2}).train()
+    stats = model.context.layers[0].conv_module.batch_norm.running_mean
+    waveforms = torch.randn(2, 16000)
+    for update, frozen in ((0, True), (1, True), (2, False)):
+        model.set_num_updates(update)
+        model.eval().train()  # as the trainer does around a validation
+        assert model.context.training is not frozen and model.frontend.training and model.lm_head.training
+        assert not model.feature_extractor.training
+        before = stats.clone()
+        model(waveforms)
+        assert torch.equal(stats, before) == frozen, update
+    model.eval()
+    assert not any(m.training for m in model.modules())

@@ -26,7 +26,9 @@ class CTCModel(SpeechEncoder):
     tokenizer: the tokenizer's settings (``to_dict()``), saved with the model. normalize_audio:
     whether it was trained on audio normalised per utterance (``data.normalize``), so inference
     does the same. freeze_updates: a
-    freezing schedule (:mod:`speechssl.training.freezing`), applied by :meth:`set_num_updates`.
+    freezing schedule (:mod:`speechssl.training.freezing`), applied by :meth:`set_num_updates`: a
+    frozen module gets no gradients and, as NeMo's ``freeze()``, runs in eval mode while the model
+    trains (no dropout or layer drop, BatchNorm statistics used and left unchanged).
     """
 
     def __init__(self, config: ModelConfig, vocab_size: int, blank: int = 0, final_dropout: float = 0.0,
@@ -35,6 +37,7 @@ class CTCModel(SpeechEncoder):
         super().__init__(config)
         self.tokenizer, self.normalize_audio = tokenizer, normalize_audio
         self.freeze_updates = check_schedule(freeze_updates or {})
+        self.num_updates = 0
         check(vocab_size >= 2, "vocab_size", f"needs the blank and at least one token, got {vocab_size}")
         check(0 <= blank < vocab_size, "blank", f"must index the vocabulary of {vocab_size}, got {blank}")
         check(vocab is None or len(vocab) == vocab_size, "vocab", f"must list {vocab_size} tokens")
@@ -59,11 +62,21 @@ class CTCModel(SpeechEncoder):
 
     def set_num_updates(self, num_updates: int) -> None:
         """Follow the update count; a module frozen now gets no gradients (they still flow through
-        it to the modules before it)."""
+        it to the modules before it) and runs in eval mode."""
         super().set_num_updates(num_updates)
+        self.num_updates = num_updates
         frozen = frozen_modules(self.freeze_updates, num_updates)
         for name, module in self.named_children():
             module.requires_grad_(name not in frozen)
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> CTCModel:
+        """``nn.Module.train``, leaving the modules frozen at this update in eval mode."""
+        super().train(mode)
+        if mode:
+            for name in frozen_modules(self.freeze_updates, self.num_updates):
+                getattr(self, name).eval()
+        return self
 
     def forward(self, waveforms: Tensor, lengths: Tensor | None = None,
                 check_values: bool | None = None) -> tuple[Tensor, Tensor | None]:

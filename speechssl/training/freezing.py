@@ -8,6 +8,8 @@
 
 Updates count from 0. A frozen module runs without gradients and gets no optimizer update (its
 parameter groups get a learning rate of 0, which leaves them exactly unchanged with any ZeRO stage).
+As NeMo's ``freeze()`` does, it also runs in eval mode: no dropout or layer drop, and a BatchNorm
+uses its running statistics and leaves them unchanged.
 """
 
 from __future__ import annotations
