@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import shutil
+import socket
+import sys
 from pathlib import Path
 
 import pytest
@@ -8,6 +11,17 @@ import torch
 from speechssl import ModelConfig, Wav2Vec2Model, load_model_config
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def deepspeed_launcher(ranks: int) -> list[str]:
+    """``deepspeed --num_gpus RANKS --master_port FREE --module``: the launcher of this environment,
+    on a free port; append the job's module and arguments."""
+    launcher = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or shutil.which("deepspeed")
+    assert launcher, "the deepspeed launcher is not installed"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return [launcher, "--num_gpus", str(ranks), "--master_port", str(port), "--module"]
 
 
 @pytest.fixture(autouse=True)

@@ -60,10 +60,8 @@ def test_shipped_finetune_configs_load_and_apply_to_their_model(name: str, model
     deepspeed_config(config.trainer, on_gpu=True)  # the optimizer and the DeepSpeed JSON agree
     pretrained = load_model_config(str(REPO / f"configs/model/{model}.yaml"))
     tuned = load_model_config(to_dict(pretrained), _flatten(config.model))
-    for key, value in {"masking.mask_prob": config.model["masking"]["mask_prob"],
-                       "masking.channel_prob": config.model["masking"]["channel_prob"]}.items():
-        section, field = key.split(".")
-        assert getattr(getattr(tuned, section), field) == value
+    masks = config.model["masking"]
+    assert (tuned.masking.mask_prob, tuned.masking.channel_prob) == (masks["mask_prob"], masks["channel_prob"])
     if name == "base_10h":  # fairseq's base_10h.yaml and Wav2Vec2AsrConfig
         assert (tuned.context.dropout, tuned.context.attention_dropout, tuned.context.activation_dropout,
                 tuned.context.layer_drop, tuned.dropout_input) == (0.0, 0.0, 0.1, 0.05, 0.0)

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +16,7 @@ import torch
 from data_tools.shards import ShardOptions, make_shards
 from data_tools.synthetic import corpus_entries, render
 from speechssl.models.ctc import load_ctc_model
-from tests.conftest import REPO
+from tests.conftest import REPO, deepspeed_launcher
 
 CONFIG = str(REPO / "configs/finetune/tiny.yaml")
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
@@ -122,18 +120,12 @@ def test_two_ranks_fine_tune_and_validate_on_the_whole_dev_set(finetuned: Path, 
                                                                  tmp_path: Path) -> None:
     """Under the deepspeed launcher (2 CPU ranks, ZeRO-2): each rank trains on its own data, and the
     validation WER/CER, summed over the ranks, equals one process's evaluation of the same model."""
-    deepspeed = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or shutil.which("deepspeed")
-    assert deepspeed, "the deepspeed launcher is not installed"
     out = tmp_path / "two"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     args = [f"pretrained={finetuned.parent / 'pt'}", *_data(corpus, out), "trainer.max_updates=30",
             "trainer.validate_every=30", "trainer.record_samples=true", "trainer.threads=1",
             "trainer.deepspeed=configs/deepspeed/zero2_fp32.json"]
-    done = subprocess.run([deepspeed, "--num_gpus", "2", "--master_port", str(port), "--module", "finetune",
-                           "--config", CONFIG, *args], capture_output=True, text=True, cwd=REPO, env=ENV,
-                          check=False, timeout=1200)
+    done = subprocess.run([*deepspeed_launcher(2), "finetune", "--config", CONFIG, *args], capture_output=True,
+                          text=True, cwd=REPO, env=ENV, check=False, timeout=1200)
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     assert json.loads((out / "world.json").read_text())["world_size"] == 2
     seen = [{k for u in map(json.loads, (out / f"samples.rank{r}.jsonl").read_text().splitlines())

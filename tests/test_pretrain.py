@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +17,7 @@ from pretrain.__main__ import load_config
 from speechssl import load_model
 from speechssl.config import ConfigError
 from speechssl.training.schedule import eden
-from tests.conftest import REPO
+from tests.conftest import REPO, deepspeed_launcher
 
 CONFIG = str(REPO / "configs/pretrain/tiny.yaml")
 HOURS_PER_UPDATE = 96000 / 16000 / 3600  # data.max_tokens of _args at 16 kHz
@@ -157,20 +155,12 @@ def test_a_killed_save_leaves_the_previous_checkpoint(shards: Path, tmp_path: Pa
     assert (root / "update_00000004" / "COMPLETE").exists()  # written again by the resumed run
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("stage", [1, 2])
 def test_deepspeed_launcher_two_ranks(shards: Path, tmp_path: Path, stage: int) -> None:
-    deepspeed = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or shutil.which("deepspeed")
-    assert deepspeed, "the deepspeed launcher is not installed"
     out = tmp_path / f"zero{stage}"
     args = _args(shards, out, max_updates=4, validate_every=4, checkpoint_every=4, record_samples="true",
                  deepspeed=f"configs/deepspeed/zero{stage}_fp32.json")
-    result = _run(args, launcher=[deepspeed, "--num_gpus", "2", "--master_port", str(_free_port()), "--module"])
+    result = _run(args, launcher=deepspeed_launcher(2))
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     assert json.loads((out / "world.json").read_text()) == {"world_size": 2, "precision": "fp32", "zero_stage": stage}
     ranks = [[json.loads(line) for line in (out / f"samples.rank{r}.jsonl").read_text().splitlines()] for r in (0, 1)]
