@@ -130,6 +130,43 @@ def test_epochs_differ(corpus: Path) -> None:
     assert loader.epoch == 2 and first != second
 
 
+def test_next_epoch_started_early_gives_the_same_batches(corpus: Path) -> None:
+    """The workers of epoch e+1 start during epoch e; what they yield is what epoch e+1 read on
+    its own yields, and a restart of an epoch (set_epoch) does not use the early start."""
+    cfg = _config(corpus, num_workers=2)
+    loader = make_loader(cfg, train=True)
+    chained = [[_keys(b) for b in loader] for _ in range(3)]
+    assert loader._next is not None and loader._next[0] == (3, 0)  # started during the third
+
+    def alone(epoch: int) -> list[list[str]]:
+        fresh = make_loader(cfg, train=True)
+        fresh.set_epoch(epoch)
+        return [_keys(b) for b in fresh]
+
+    assert chained == [alone(e) for e in range(3)] and chained[0] != chained[1]
+    restarted = make_loader(cfg, train=True)
+    for i, _ in enumerate(restarted):
+        if i == len(chained[0]) - 2:  # epoch 1 has been started early by now
+            break
+    assert restarted._next is not None and restarted._next[0] == (1, 0)
+    restarted.set_epoch(0)
+    assert [_keys(b) for b in restarted] == chained[0]
+
+
+def test_cropping_that_discards_most_audio_is_reported(corpus: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Each loader slot packs batches from its own shards: with one shard per slot, batches mix
+    lengths and cropping to the shortest throws most of the audio away."""
+    with caplog.at_level("WARNING", logger="speechssl.data.loader"):
+        list(make_loader(_config(corpus, num_workers=2, shuffle_buffer=1000), train=True))
+    assert not [r for r in caplog.records if "crop_to_shortest keeps" in r.getMessage()]
+    with caplog.at_level("WARNING", logger="speechssl.data.loader"):
+        loader = make_loader(_config(corpus, num_workers=0, max_tokens=200_000), train=True, rank=0, world_size=7)
+        list(loader)
+        list(loader)
+    warnings = [r.getMessage() for r in caplog.records if "crop_to_shortest keeps" in r.getMessage()]
+    assert len(warnings) == 1 and "7 loader slots" in warnings[0]
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 def test_resume_gives_the_batches_an_uninterrupted_run_gives(corpus: Path, workers: int) -> None:
     cfg = _config(corpus, num_workers=workers)

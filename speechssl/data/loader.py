@@ -14,6 +14,7 @@ decoded with soundfile; a corrupt sample is skipped, counted and reported in the
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 from collections.abc import Iterator
@@ -216,6 +217,10 @@ class AudioLoader:
     ``stats`` counts, for the current epoch, the batches yielded, the samples dropped as too short
     (or, without cropping, too long), the batches dropped to keep the ranks even, and the corrupt
     samples skipped.
+
+    In training, the workers of the next epoch start while the last batches of the current one
+    are consumed, so an epoch boundary does not stall the step on worker start-up and the first
+    tar reads (on a small corpus, an epoch lasts seconds).
     """
 
     def __init__(self, stream: ShardStream):
@@ -223,10 +228,14 @@ class AudioLoader:
         self.epoch = 0
         self.consumed = 0
         self.stats: dict[str, int] = {}
+        self._next: tuple[tuple[int, int], Iterator[AudioBatch]] | None = None  # (epoch, skip), started
+        self._warned_crop = False
 
     def __len__(self) -> int:
         """Batches this rank yields in the current epoch."""
-        plan = self.stream.plan()
+        return self._count(self.stream.plan())
+
+    def _count(self, plan: EpochPlan) -> int:
         first = self.stream.rank * self.stream.workers
         return sum(plan.quotas[first: first + self.stream.workers])
 
@@ -234,21 +243,53 @@ class AudioLoader:
         """Start epoch ``epoch`` from its first batch."""
         self.epoch, self.consumed = epoch, 0
 
+    def _start(self, epoch: int, skip: int) -> Iterator[AudioBatch]:
+        """The batches of ``epoch`` from its ``skip``-th on; with workers, they start reading now."""
+        stream = copy.copy(self.stream)
+        stream.epoch, stream.skip = epoch, skip
+        workers = stream.config.num_workers
+        # Its own generator: starting the workers must not draw from the global RNG, or a resumed
+        # run (which starts them at another point) would mask and drop out differently.
+        generator = torch.Generator().manual_seed(stream.config.seed * 1000 + epoch)
+        return iter(DataLoader(stream, batch_size=None, num_workers=workers, generator=generator,
+                               prefetch_factor=2 if workers else None, persistent_workers=False))
+
+    def _check_crop(self, plan: EpochPlan) -> None:
+        """Warn once when cropping every batch to its shortest utterance discards much audio: the
+        batches of each worker are packed from its own shards only, so with few samples per worker
+        they mix lengths widely."""
+        if self._warned_crop or not (self.stream.train and self.stream.config.crop_to_shortest):
+            return
+        self._warned_crop = True
+        items = [it for slot in plan.slots for batch in slot.batches for it in batch]
+        whole = sum(min(plan.shards[it.shard].lengths[it.position], self.stream.config.max_sample_size)
+                    for it in items)
+        kept = sum(it.length for it in items) / max(whole, 1)
+        if kept < 0.8:
+            log.warning("crop_to_shortest keeps %.0f%% of the audio of epoch %d: each of the %d loader slots "
+                        "(ranks x workers) packs batches from its own %.1f shards on average; fewer "
+                        "data.num_workers, smaller shards (make-shards --max-count) or data.crop_to_shortest=false "
+                        "keep more", 100 * kept, self.epoch, len(plan.slots), len(plan.shards) / len(plan.slots))
+
     def __iter__(self) -> Iterator[AudioBatch]:
         self.stream.epoch, self.stream.skip = self.epoch, self.consumed
         plan = self.stream.plan()
+        self._check_crop(plan)
         self.stats = {"batches": self.consumed, "dropped_short": plan.dropped_short, "dropped_long": plan.dropped_long,
                       "dropped_for_balance": plan.dropped_for_balance, "corrupt": 0}
+        started, self._next = self._next, None
+        batches = started[1] if started and started[0] == (self.epoch, self.consumed) else self._start(
+            self.epoch, self.consumed)
+        del started  # a stale prefetch (after set_epoch or a resume) shuts its workers down
         workers = self.stream.config.num_workers
-        # Its own generator: starting the workers must not draw from the global RNG, or a resumed
-        # run (which starts them at another point) would mask and drop out differently.
-        generator = torch.Generator().manual_seed(self.stream.config.seed * 1000 + self.epoch)
-        loader = DataLoader(self.stream, batch_size=None, num_workers=workers, generator=generator,
-                            prefetch_factor=2 if workers else None, persistent_workers=False)
-        for batch in loader:
+        remaining = self._count(plan) - self.consumed
+        for batch in batches:
             self.consumed += 1
             self.stats["batches"] += 1
             self.stats["corrupt"] += len(batch.metadata["skipped"])
+            remaining -= 1
+            if self.stream.train and workers and remaining == min(2 * workers, self._count(plan) - 1):
+                self._next = ((self.epoch + 1, 0), self._start(self.epoch + 1, 0))
             yield batch
         self.epoch, self.consumed = self.epoch + 1, 0
 
