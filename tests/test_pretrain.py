@@ -184,6 +184,51 @@ def test_the_job_pretrains_other_context_networks(shards: Path, tmp_path: Path, 
     assert sorted(_metrics(out)) == [1, 2, 3]
 
 
+CLIPPING = """
+import json, sys, torch
+from pretrain.__main__ import load_config
+from pretrain.task import PretrainTask
+from speechssl.training.job import make_loaders
+from speechssl.training.trainer import Trainer
+
+def gradients_at_step(deepspeed_clips):
+    config = load_config(sys.argv[1], sys.argv[2:])
+    loader, _ = make_loaders(config.data, [], 0, 1)
+    trainer = Trainer(PretrainTask(config.model, 10), config.trainer, loader)
+    if deepspeed_clips:  # hand the clipping back to DeepSpeed, as before the trainer took it over
+        trainer.ds_config = {**trainer.ds_config, "gradient_clipping": trainer.clip_norm}
+        trainer.clip_norm = 0.0
+    trainer._build_engine()
+    seen = []
+    step = trainer.engine.optimizer.step
+    def recording_step(*args, **kwargs):
+        seen.extend(p.grad.clone() for p in trainer.engine.module.parameters() if p.grad is not None)
+        return step(*args, **kwargs)
+    trainer.engine.optimizer.step = recording_step
+    torch.manual_seed(0)
+    trainer._train_update([next(iter(loader))], {})
+    return seen, trainer._grad_norm
+
+ours, raw = gradients_at_step(False)
+theirs, _ = gradients_at_step(True)
+print(json.dumps({"raw": float(raw), "clipped": float(torch.nn.utils.get_total_norm(ours)),
+                  "max_difference": max(float((a - b).abs().max()) for a, b in zip(ours, theirs, strict=True))}))
+"""
+
+
+def test_stage0_clipping_matches_deepspeeds(shards: Path, tmp_path: Path) -> None:
+    """At ZeRO stage 0 with fp32 weights the trainer clips with the fused norm it skips
+    non-finite updates by; the optimizer sees the gradients DeepSpeed's own clipping gives."""
+    ds = tmp_path / "zero0_clip.json"
+    ds.write_text(json.dumps({"gradient_clipping": 0.05, "zero_optimization": {"stage": 0}}))
+    done = _run([CONFIG, *_args(shards, tmp_path / "run", deepspeed=ds)], script=CLIPPING)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["raw"] > 0.5  # well above the limit, so the clipping acts
+    assert result["clipped"] == pytest.approx(0.05, rel=1e-4)
+    assert result["max_difference"] < 1e-9
+
+
 def test_zipformer_job_with_scaled_adam_eden_and_autocast_resumes_exactly(shards: Path, tmp_path: Path) -> None:
     """The Zipformer's own recipe through the job: ScaledAdam, Eden, bf16 autocast over fp32
     weights (DeepSpeed's torch_autocast, ZeRO stage 0); the optimizer state survives a resume."""
