@@ -51,9 +51,30 @@ def load_config(path: str, overrides: list[str]):
     return config
 
 
+def make_tokenizer(config, shardset, rank: int):
+    """Characters from the shard indexes; or BPE: the given SentencePiece model, or one that rank 0
+    trains on the training transcripts and writes to ``output_dir/tokenizer.model``, which the
+    other ranks, and a resumed run, read."""
+    from finetune.tokenizer import BpeTokenizer, CharTokenizer
+    from speechssl.training.distributed import barrier
+
+    c = config.tokenizer
+    if c.type == "char":
+        return CharTokenizer.build([shardset.charset()], case=c.case)
+    if c.model:
+        return BpeTokenizer.load(c.model, c.case)
+    path = Path(config.trainer.output_dir) / "tokenizer.model"
+    if rank == 0 and not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(".partial")
+        partial.write_bytes(BpeTokenizer.train(shardset.transcripts(), c.vocab_size, c.case).model)
+        partial.replace(path)
+    barrier()
+    return BpeTokenizer.load(str(path), c.case)
+
+
 def train(config, encoder) -> dict:
     from finetune.task import FinetuneTask
-    from finetune.tokenizer import CharTokenizer
     from speechssl.training.distributed import init_distributed, pick_device
     from speechssl.training.job import make_loaders
     from speechssl.training.trainer import Trainer, setup_logging
@@ -63,7 +84,7 @@ def train(config, encoder) -> dict:
     setup_logging(rank)
     train_loader, valid_loader = make_loaders(config.data, config.valid_shards, rank, world)
     shardset = train_loader.stream.shardset
-    tokenizer = CharTokenizer.build([shardset.charset()], case=config.tokenizer.case)
+    tokenizer = make_tokenizer(config, shardset, rank)
     task = FinetuneTask(config, encoder, tokenizer, shardset.sample_rate)
     return Trainer(task, config.trainer, train_loader, valid_loader).fit()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from speechssl.config import check
@@ -13,15 +14,23 @@ from speechssl.training.freezing import check_schedule
 
 @dataclass
 class TokenizerConfig:
-    """type: ``char`` (the characters of the training transcripts, ``|`` between words, blank 0).
-    case: ``upper``, ``lower`` or ``keep``, applied to transcripts and hypotheses alike."""
+    """type: ``char`` (the characters of the training transcripts, ``|`` between words, blank 0) or
+    ``bpe`` (SentencePiece BPE pieces after the blank: ``model``, an existing SentencePiece model
+    file, or when empty one of at most ``vocab_size`` pieces trained on the training transcripts
+    and written to ``output_dir/tokenizer.model``). case: ``upper``, ``lower`` or ``keep``, applied
+    to transcripts and hypotheses alike."""
 
     type: str = "char"
     case: str = "upper"
+    vocab_size: int = 256
+    model: str = ""
 
     def __post_init__(self) -> None:
-        check(self.type == "char", "tokenizer.type", f"only char is available, got {self.type!r}")
+        check(self.type in ("char", "bpe"), "tokenizer.type", f"must be char or bpe, got {self.type!r}")
         check(self.case in ("upper", "lower", "keep"), "tokenizer.case", "must be upper, lower or keep")
+        check(self.vocab_size >= 2, "tokenizer.vocab_size", "must be >= 2")
+        check(not self.model or self.type == "bpe", "tokenizer.model", "is a SentencePiece model: set type: bpe")
+        check(not self.model or Path(self.model).is_file(), "tokenizer.model", f"{self.model} does not exist")
 
 
 def _labelled_data() -> DataConfig:

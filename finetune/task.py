@@ -13,7 +13,7 @@ from torch import nn
 
 from finetune.config import FinetuneConfig
 from finetune.decoding import error_counts, greedy_decode
-from finetune.tokenizer import CharTokenizer
+from finetune.tokenizer import Tokenizer
 from speechssl.config import load_model_config, to_dict
 from speechssl.data.loader import AudioBatch
 from speechssl.models.ctc import CTCModel
@@ -44,7 +44,7 @@ class FinetuneTask:
     stat_keys = ("unalignable", "tokens", "word_errors", "words", "char_errors", "chars")
     best_metric = "wer"
 
-    def __init__(self, config: FinetuneConfig, encoder: SpeechEncoder, tokenizer: CharTokenizer,
+    def __init__(self, config: FinetuneConfig, encoder: SpeechEncoder, tokenizer: Tokenizer,
                  sample_rate: int = 16000):
         self.config, self.encoder, self.tokenizer, self.sample_rate = config, encoder, tokenizer, sample_rate
         self.model_config = load_model_config(to_dict(encoder.config), _flatten(config.model))

@@ -88,9 +88,9 @@ def transcribe(model, utterances: Iterator[Utterance], device: torch.device,
                max_seconds: float = 300.0) -> Iterator[tuple[Utterance, str]]:
     """``(utterance, hypothesis)`` for every utterance, batched by padded audio length."""
     from finetune.decoding import greedy_decode
-    from finetune.tokenizer import CharTokenizer
+    from finetune.tokenizer import tokenizer_from_dict
 
-    tokenizer = CharTokenizer.from_dict(model.tokenizer)
+    tokenizer = tokenizer_from_dict(model.tokenizer)
     model.eval().to(device)
     model.extract_per_utterance = True  # transcripts that do not depend on the batching
     for batch in _batches(utterances, max_seconds):
@@ -160,9 +160,9 @@ def main(argv: list[str]) -> int:
         print(f"skipped {sum(skipped.values())} unreadable input(s): {dict(skipped)}", file=sys.stderr)
     if args.command == "transcribe":
         return 0
-    from finetune.tokenizer import CharTokenizer
+    from finetune.tokenizer import tokenizer_from_dict
 
-    tokenizer = CharTokenizer.from_dict(model.tokenizer)
+    tokenizer = tokenizer_from_dict(model.tokenizer)
     references = [tokenizer.decode(tokenizer.encode(text)) for _, text, _ in rows]  # the model's case and spacing
     counts = error_counts(references, [h for _, _, h in rows])
     scores = {"wer": counts["word_errors"] / max(counts["words"], 1),

@@ -7,7 +7,7 @@ import torch
 
 from finetune.config import FinetuneConfig
 from finetune.task import _flatten
-from finetune.tokenizer import CharTokenizer
+from finetune.tokenizer import BpeTokenizer, CharTokenizer, tokenizer_from_dict
 from speechssl.config import ConfigError, build, load_model_config, to_dict
 from speechssl.models.ctc import CTCModel
 from speechssl.training.config import deepspeed_config
@@ -42,6 +42,29 @@ def test_freeze_schedule_forms(spec, frozen_at: set[int]) -> None:
     for update in [0, 1, 2, 3, 4, 5, 6, 10**6]:
         assert is_frozen(spec, update) == (update in frozen_at), (spec, update)
 
+
+
+def test_bpe_tokenizer_round_trips_and_travels_in_its_dict() -> None:
+    words = ["one", "two", "three", "seven", "eleven", "twenty", "enter", "yes", "no", "rubout"]
+    texts = [" ".join(words[(i * 7 + k) % len(words)] for k in range(i % 5 + 1)) for i in range(200)]
+    tokenizer = BpeTokenizer.train(texts, vocab_size=48)
+    assert tokenizer.blank == 0 and tokenizer.vocab[:2] == ["<blank>", "<unk>"] and len(tokenizer) <= 49
+    assert any(len(piece.lstrip("▁")) > 2 for piece in tokenizer.vocab)  # merges, not only characters
+    ids = tokenizer.encode("  Seven   twenty ONE ")
+    assert ids and 0 not in ids and max(ids) < len(tokenizer)
+    assert len(ids) < len("SEVEN TWENTY ONE")  # subwords
+    assert tokenizer.decode(ids) == "SEVEN TWENTY ONE"
+    assert tokenizer.decode(tokenizer.encode("yes q")) == "YES <unk>"
+    assert tokenizer.unknown == {"Q": 1}
+    again = tokenizer_from_dict(tokenizer.to_dict())
+    assert isinstance(again, BpeTokenizer) and again.vocab == tokenizer.vocab
+    assert again.encode("seven twenty one") == ids
+    lower = BpeTokenizer.train(texts, vocab_size=48, case="lower")
+    assert lower.decode(lower.encode("Seven Twenty")) == "seven twenty"
+    with pytest.raises(ValueError, match="no text"):
+        BpeTokenizer.train(["  ", ""], vocab_size=48)
+    with pytest.raises(ValueError, match="unknown tokenizer type"):
+        tokenizer_from_dict({"type": "wordpiece"})
 
 def test_freeze_schedule_checks() -> None:
     schedule = check_schedule({"feature_extractor": -1, "context": 2})

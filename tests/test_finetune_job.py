@@ -116,6 +116,28 @@ def test_transcribe_and_evaluate_on_files_manifests_and_shards(finetuned: Path, 
     (corpus / "files" / "broken.wav").unlink()
 
 
+def test_bpe_tokenizer_is_trained_saved_with_the_model_and_decodes(finetuned: Path, corpus: Path,
+                                                                   tmp_path: Path) -> None:
+    """tokenizer.type=bpe: rank 0 trains SentencePiece BPE on the training transcripts, writes it to
+    the run folder, and the model file carries it: evaluate decodes with it as validation did."""
+    out = tmp_path / "bpe"
+    done = _run("finetune", CONFIG, [f"pretrained={finetuned.parent / 'pt'}", *_data(corpus, out),
+                                     "tokenizer.type=bpe", "tokenizer.vocab_size=40", "trainer.max_updates=30",
+                                     "trainer.validate_every=30"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    model = load_ctc_model(out / "model.pt")
+    assert model.tokenizer["type"] == "bpe" and model.blank == 0
+    from finetune.tokenizer import BpeTokenizer, tokenizer_from_dict
+
+    saved = tokenizer_from_dict(model.tokenizer)
+    assert saved == BpeTokenizer.load(str(out / "tokenizer.model"))
+    assert len(saved) == model.vocab_size <= 41 and any(len(p.lstrip("▁")) > 1 for p in saved.vocab[2:])
+    scored = _cli("evaluate", str(out / "best.pt"), str(corpus / "dev"), "--output", str(tmp_path / "eval"))
+    assert scored.returncode == 0, scored.stderr[-2000:]
+    scores = json.loads((tmp_path / "eval" / "scores.json").read_text())
+    assert scores["wer"] == pytest.approx(_metrics(out, "valid")[30]["wer"])
+
+
 def test_two_ranks_fine_tune_and_validate_on_the_whole_dev_set(finetuned: Path, corpus: Path,
                                                                  tmp_path: Path) -> None:
     """Under the deepspeed launcher (2 CPU ranks, ZeRO-2): each rank trains on its own data, and the
@@ -209,7 +231,8 @@ def test_a_model_imported_from_torchaudio_fine_tunes(corpus: Path, tmp_path: Pat
 
 def test_config_errors_name_the_key(corpus: Path, tmp_path: Path) -> None:
     cases = [(["freeze_updates={encoder: 5}"], "freeze_updates.encoder: unknown module"),
-             ([f"pretrained={tmp_path / 'nothing'}"], "pretrained:")]
+             ([f"pretrained={tmp_path / 'nothing'}"], "pretrained:"),
+             (["tokenizer.type=bpe", f"tokenizer.model={tmp_path / 'sp.model'}"], "tokenizer.model:")]
     for extra, words in cases:
         done = subprocess.run([sys.executable, "-m", "finetune", "--config", CONFIG, *_data(corpus, tmp_path / "x"),
                                *extra], capture_output=True, text=True, cwd=REPO, env=ENV, check=False, timeout=300)

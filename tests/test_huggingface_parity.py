@@ -232,3 +232,19 @@ def test_import_from_a_saved_folder(tmp_path) -> None:
     assert isinstance(loaded, CTCModel)
     for key, value in direct.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value), key
+
+
+def test_finetune_pretrained_hf_prefix_reads_a_saved_folder(tmp_path) -> None:
+    """``pretrained=hf:NAME_OR_PATH`` loads through transformers' AutoModel (a hub name needs the
+    network, a saved folder does not): the encoder arrives whole; the pretraining heads, which
+    AutoModel leaves out and fine-tuning drops, are the only difference."""
+    from finetune.__main__ import load_pretrained
+
+    hf = _hf_model("transformer-base")
+    hf.save_pretrained(tmp_path / "saved")
+    encoder = load_pretrained(f"hf:{tmp_path / 'saved'}").state_dict()
+    direct = from_huggingface(hf).state_dict()
+    assert encoder.keys() == direct.keys()
+    heads = ("quantizer.", "project_q.", "final_proj.")
+    kept = [k for k in encoder if not k.startswith(heads)]
+    assert len(kept) > 40 and all(torch.equal(encoder[k], direct[k]) for k in kept)

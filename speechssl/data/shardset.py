@@ -4,6 +4,7 @@ against their ``index.json`` so every shard's sample keys and lengths are known 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,6 +71,18 @@ class ShardSet:
         """Every character of the sources' transcripts, from their indexes (a pattern's whole
         directory counts)."""
         return "".join(sorted({c for s in self.sources for c in read_index(self._directory(s)).get("charset", "")}))
+
+    def transcripts(self) -> Iterator[str]:
+        """The ``text`` of every sample that has one, read from the tars' json members (no audio is
+        decoded), each shard once whatever its weight."""
+        import webdataset as wds
+
+        paths = [shard.path for shards in self.shards for shard in shards]
+        for sample in wds.DataPipeline(wds.SimpleShardList(paths), wds.tarfile_to_samples()):
+            if "json" in sample:
+                text = json.loads(sample["json"]).get("text")
+                if text:
+                    yield text
 
     @staticmethod
     def _resolve(source: str, number: int) -> list[Shard]:
