@@ -248,3 +248,20 @@ def test_finetune_pretrained_hf_prefix_reads_a_saved_folder(tmp_path) -> None:
     heads = ("quantizer.", "project_q.", "final_proj.")
     kept = [k for k in encoder if not k.startswith(heads)]
     assert len(kept) > 40 and all(torch.equal(encoder[k], direct[k]) for k in kept)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_layer_features_are_hugging_faces_hidden_states(kind: str) -> None:
+    """speechssl.features counts layers as Hugging Face's ``hidden_states``: layer 0 is the
+    encoder input, layer i the output of layer i."""
+    from speechssl.features import LayerFeatures
+
+    hf = _hf_model(kind, "Model")
+    waves, attention = _batch()
+    out = LayerFeatures(from_huggingface(hf), "all")(waves, LENGTHS)
+    with torch.no_grad():
+        expected = hf(waves, attention_mask=attention, output_hidden_states=True).hidden_states
+    valid = torch.arange(out.hidden_states[0].shape[1]) < out.lengths[:, None]
+    assert len(out.hidden_states) == len(expected)
+    for i, (got, want) in enumerate(zip(out.hidden_states, expected, strict=True)):
+        torch.testing.assert_close(got[valid], want[valid], rtol=0, atol=1e-4, msg=f"layer {i}")

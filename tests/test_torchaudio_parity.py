@@ -119,3 +119,18 @@ def test_wav2vec2_model_takes_torchaudios_arguments() -> None:
     ours_ta = to_torchaudio(model)  # same architecture: the weights load with no key missing
     assert {k: v.shape for k, v in ours_ta.state_dict().items()} == {
         k: v.shape for k, v in reference.state_dict().items()}
+
+
+@pytest.mark.parametrize("layout", ["base-small", "large-small"])
+def test_layer_features_of_an_imported_model_match_torchaudio(layout: str) -> None:
+    """speechssl.features on a model imported from torchaudio: layers 1..L are torchaudio's own
+    ``extract_features``, with its lengths."""
+    from speechssl.features import LayerFeatures
+
+    ta = _torchaudio_model(layout)
+    waves, lengths = _batch()
+    out = LayerFeatures(from_torchaudio(ta), "all")(waves, lengths)
+    with torch.no_grad():
+        expected, expected_lengths = ta.extract_features(waves, lengths)
+    assert torch.equal(out.lengths, expected_lengths) and len(out.hidden_states) == len(expected) + 1
+    assert _max_diff_valid(expected, out.hidden_states[1:], expected_lengths) <= 1e-4

@@ -19,11 +19,14 @@ from torch import Tensor, nn
 @dataclass
 class ContextOutput:
     """output: ``(B, T', D_out)``; hidden_states: each layer's output ``(B, T', D)``;
-    padding_mask: ``(B, T')`` with True at padding, or None when nothing is padded."""
+    padding_mask: ``(B, T')`` with True at padding, or None when nothing is padded; input_state:
+    what the first layer reads, after positional embedding and input normalisation (Hugging Face's
+    ``hidden_states[0]``)."""
 
     output: Tensor
     hidden_states: list[Tensor]
     padding_mask: Tensor | None
+    input_state: Tensor | None = None
 
 
 class ContextNetwork(nn.Module):
@@ -31,6 +34,11 @@ class ContextNetwork(nn.Module):
 
     input_dim: int
     output_dim: int
+
+    @property
+    def depth(self) -> int:
+        """The number of hidden states ``forward`` returns (layers; stacks for the Zipformer)."""
+        return len(self.layers)
 
     def forward(self, x: Tensor, padding_mask: Tensor | None = None,
                 num_layers: int | None = None) -> ContextOutput:

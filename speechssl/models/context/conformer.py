@@ -343,11 +343,11 @@ class ConformerContext(ContextNetwork):
         allowed = self._allowed(padding_mask, length, x.device)
         position = self._position(length, x.device)
         conv_padding_mask = padding_mask if self.config.mask_padding_in_conv else None
-        hidden_states = []
+        first, hidden_states = x, []
         for layer in self.layers[:num_layers]:
             if not self._drops_layer(self.config.layer_drop):
                 x = layer(x, allowed, position, conv_padding_mask)
             hidden_states.append(x)
         if num_layers is None:
             x = self.layer_norm(x)
-        return ContextOutput(x, hidden_states, padding_mask)
+        return ContextOutput(x, hidden_states, padding_mask, first)

@@ -158,11 +158,11 @@ class TransformerContext(ContextNetwork):
         if not self.config.layer_norm_first:
             x = self.layer_norm(x)
         x = self.dropout(x)
-        hidden_states = []
+        first, hidden_states = x, []
         for layer in self.layers[:num_layers]:
             if not self._drops_layer(self.layer_drop):
                 x = layer(x, attn_mask)
             hidden_states.append(x)
         if num_layers is None and self.config.layer_norm_first:
             x = self.layer_norm(x)
-        return ContextOutput(x, hidden_states, padding_mask)
+        return ContextOutput(x, hidden_states, padding_mask, first)

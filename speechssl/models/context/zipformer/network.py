@@ -293,6 +293,10 @@ class Zipformer(ContextNetwork):
                 dim = d
         return torch.cat(pieces, dim=-1)
 
+    @property
+    def depth(self) -> int:
+        return len(self.encoders)
+
     def forward(self, x: Tensor, padding_mask: Tensor | None = None,
                 num_layers: int | None = None) -> ContextOutput:
         """``num_layers`` counts stacks here: the output is then that stack's output."""
@@ -300,16 +304,16 @@ class Zipformer(ContextNetwork):
         feature_masks = self._feature_masks(x)
         chunk_size, left_chunks = self.chunk_config()
         attn_mask = chunk_attention_mask(x.shape[1], chunk_size, left_chunks, x.device)
-        outputs = []
+        first, outputs = x, []
         for i, stack in enumerate(self.encoders[:num_layers]):
             x = _convert_channels(x, self.encoder_dim[i])
             x, _ = stack(x, padding_mask, attn_mask, chunk_size, feature_masks[i])
             outputs.append(x)
         if num_layers is not None:
-            return ContextOutput(outputs[-1], outputs, padding_mask)
+            return ContextOutput(outputs[-1], outputs, padding_mask, first)
         out = self.downsample_output(self._combine(outputs), padding_mask)
         factor = self.config.output_downsampling_factor
-        return ContextOutput(out, outputs, None if padding_mask is None else padding_mask[:, ::factor])
+        return ContextOutput(out, outputs, None if padding_mask is None else padding_mask[:, ::factor], first)
 
 
     # ------------------------------------------------------------------ streaming
