@@ -15,72 +15,11 @@ import json
 import sys
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
-SAMPLE_RATE = 16000
-
-
-@dataclass
-class Utterance:
-    id: str
-    audio: np.ndarray  # (S,) float32 at 16 kHz
-    text: str | None
-
-
-def _skip(skipped: Counter, name: str, reason: str, detail: str) -> None:
-    skipped[reason] += 1
-    print(f"skipped {name}: {detail}", file=sys.stderr)
-
-
-def _shard_utterances(directory: Path, skipped: Counter) -> Iterator[Utterance]:
-    from speechssl.data import DataConfig, make_loader
-
-    config = DataConfig(shards=[str(directory)], max_tokens=SAMPLE_RATE * 600, max_sample_size=SAMPLE_RATE * 600,
-                        min_sample_size=0, crop=False, crop_to_shortest=False, num_workers=0)
-    for batch in make_loader(config, train=False):
-        for key, reason in batch.metadata["skipped"]:
-            _skip(skipped, key, reason.split(":")[0], reason)
-        for row, n, meta in zip(batch.waveforms, batch.lengths.tolist(), batch.metadata["samples"], strict=True):
-            yield Utterance(meta.get("id", meta["__key__"]), row[:n].numpy(), meta.get("text"))
-
-
-def read_utterances(inputs: list[str], skipped: Counter) -> Iterator[Utterance]:
-    """Every utterance of ``inputs``, in order; unreadable ones are counted in ``skipped`` by reason."""
-    from data_tools.audio import BadAudio, prepare, read_audio
-    from data_tools.sources import Entry, read_source
-    from speechssl.data.shardset import INDEX
-
-    for name in inputs:
-        path = Path(name)
-        if (path / INDEX).is_file():
-            yield from _shard_utterances(path, skipped)
-            continue
-        is_audio_file = path.is_file() and path.suffix.lower() not in (".tsv", ".jsonl", ".json", ".txt", ".csv")
-        entries = [Entry(id=path.stem, path=str(path))] if is_audio_file else read_source(path)[0]
-        for entry in entries:
-            try:
-                samples, rate = read_audio(entry.path)
-                audio = prepare(samples, rate, SAMPLE_RATE, min_seconds=0.03, max_seconds=float("inf"))
-            except BadAudio as e:
-                _skip(skipped, entry.id, e.reason, str(e))
-                continue
-            yield Utterance(entry.id, audio, entry.text)
-
-
-def _batches(utterances: Iterator[Utterance], max_seconds: float) -> Iterator[list[Utterance]]:
-    batch: list[Utterance] = []
-    for utt in utterances:
-        longest = max([len(u.audio) for u in batch] + [len(utt.audio)])
-        if batch and longest * (len(batch) + 1) > max_seconds * SAMPLE_RATE:
-            yield batch
-            batch = []
-        batch.append(utt)
-    if batch:
-        yield batch
+from speechssl.data.inputs import Utterance, batches, read_utterances
 
 
 @torch.no_grad()
@@ -93,7 +32,7 @@ def transcribe(model, utterances: Iterator[Utterance], device: torch.device,
     tokenizer = tokenizer_from_dict(model.tokenizer)
     model.eval().to(device)
     model.extract_per_utterance = True  # transcripts that do not depend on the batching
-    for batch in _batches(utterances, max_seconds):
+    for batch in batches(utterances, max_seconds):
         lengths = torch.tensor([len(u.audio) for u in batch])
         waves = torch.zeros(len(batch), int(lengths.max()))
         for i, u in enumerate(batch):

@@ -88,3 +88,19 @@ def test_weighted_sum_over_layers_of_different_widths_is_refused(padded_batch) -
         LayerFeatures(model, [1, 2], weighted_sum=True)(waves, lengths)
     same = LayerFeatures(model, [1, 3], weighted_sum=True)(waves, lengths)
     assert same.weighted.shape == same.hidden_states[0].shape
+
+
+def test_per_utterance_extraction_does_not_depend_on_the_batch(tiny_model, padded_batch) -> None:
+    """The group_norm extractor normalises over time: with ``extract_per_utterance`` each row is
+    normalised over its own frames, so a padded row gives what it gives alone."""
+    waves, lengths = padded_batch
+    model = tiny_model.eval()
+    with torch.no_grad():
+        model.extract_per_utterance = True
+        batched, frames = model.encode(waves, lengths)
+        for i in range(len(lengths)):
+            alone, _ = model.encode(waves[i: i + 1, : lengths[i]], lengths[i: i + 1])
+            torch.testing.assert_close(batched[i, : frames[i]], alone[0], rtol=0, atol=1e-5)
+        model.extract_per_utterance = False  # fairseq's behaviour: padding changes the padded rows
+        padded, _ = model.encode(waves, lengths)
+        assert (padded[2, : frames[2]] - batched[2, : frames[2]]).abs().max() > 1e-2

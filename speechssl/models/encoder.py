@@ -27,9 +27,9 @@ class SpeechEncoder(nn.Module):
         self.context = build_context(config.context)
         self.frontend = Frontend(self.feature_extractor.output_dim, self.context.input_dim, config.dropout_input)
         # The group_norm extractor normalises over time, padding included, so a padded utterance's
-        # features depend on its batch (as in fairseq, torchaudio and Hugging Face). True runs the
-        # extractor on each utterance's own samples instead (inference: transcripts that do not
-        # depend on batching); it changes nothing for unpadded batches.
+        # features depend on its batch (as in fairseq, torchaudio and Hugging Face). True
+        # normalises each utterance over its own frames instead (inference: transcripts that do
+        # not depend on batching); it changes nothing for unpadded batches.
         self.extract_per_utterance = False
 
     # ------------------------------------------------------------------ inputs and features
@@ -81,10 +81,7 @@ class SpeechEncoder(nn.Module):
             lengths = lengths.to(waveforms.device, non_blocking=True)
         mult = self.config.feature_grad_mult
         with torch.set_grad_enabled(torch.is_grad_enabled() and mult > 0):
-            if self.extract_per_utterance and lengths is not None:
-                features = self._extract_each(waveforms, lengths)
-            else:
-                features = self.feature_extractor(waveforms)
+            features = self.feature_extractor(waveforms, lengths if self.extract_per_utterance else None)
         if features.requires_grad and mult != 1.0:
             features = GradMultiply.apply(features, mult)
         if lengths is None:
@@ -92,15 +89,6 @@ class SpeechEncoder(nn.Module):
         frames = self.feature_extractor.output_lengths(lengths)
         padding_mask = torch.arange(features.shape[1], device=features.device) >= frames.unsqueeze(1)
         return features, padding_mask, frames
-
-    def _extract_each(self, waveforms: Tensor, lengths: Tensor) -> Tensor:
-        """The extractor on each row's ``lengths[i]`` samples, zero-padded to the batch's frames."""
-        rows = [self.feature_extractor(waveforms[i: i + 1, : int(n)])[0] for i, n in enumerate(lengths.tolist())]
-        frames = self.feature_extractor.output_lengths(torch.tensor([waveforms.shape[1]]))
-        out = rows[0].new_zeros(len(rows), int(frames[0]), rows[0].shape[-1])
-        for i, row in enumerate(rows):
-            out[i, : row.shape[0]] = row
-        return out
 
     @staticmethod
     def _lengths(padding_mask: Tensor | None) -> Tensor | None:

@@ -72,9 +72,31 @@ class FeatureExtractor(nn.Module):
             lengths = lengths.clamp_min(0)
         return lengths
 
-    def forward(self, waveforms: Tensor) -> Tensor:
-        """``(B, S)`` float waveforms to ``(B, T, C)`` features."""
+    def forward(self, waveforms: Tensor, lengths: Tensor | None = None) -> Tensor:
+        """``(B, S)`` float waveforms to ``(B, T, C)`` features. With ``lengths (B,)`` (on the
+        waveforms' device) the ``group_norm`` mode normalises each row over its own frames, so the
+        valid frames of a row are what it gives alone whatever the padding; without, over all
+        frames, padding included (as fairseq, torchaudio and Hugging Face)."""
         x = waveforms.unsqueeze(1)
-        for block in self.blocks:
-            x = block(x)
+        for i, block in enumerate(self.blocks):
+            if i == 0 and lengths is not None and isinstance(block.norm, nn.GroupNorm):
+                x = block.conv(x)
+                frames = torch.div(lengths - block.kernel, block.stride, rounding_mode="floor") + 1
+                x = nn.functional.gelu(_group_norm_over(block.norm, x, frames))
+            else:
+                x = block(x)
         return x.transpose(1, 2)
+
+
+def _group_norm_over(norm: nn.GroupNorm, x: Tensor, frames: Tensor) -> Tensor:
+    """``norm`` (one group per channel) on ``x (B, C, T)`` with each row's statistics taken over
+    its first ``frames[b]`` frames only (in fp32, as GroupNorm under autocast)."""
+    dtype, x = x.dtype, x.float()
+    mask = (torch.arange(x.shape[-1], device=x.device) < frames[:, None]).unsqueeze(1)
+    count = frames.clamp_min(1).view(-1, 1, 1).float()
+    mean = x.masked_fill(~mask, 0.0).sum(-1, keepdim=True) / count
+    var = (x - mean).masked_fill(~mask, 0.0).square().sum(-1, keepdim=True) / count
+    y = (x - mean) * torch.rsqrt(var + norm.eps)
+    if norm.affine:
+        y = y * norm.weight.float()[:, None] + norm.bias.float()[:, None]
+    return y.to(dtype)

@@ -1,0 +1,90 @@
+"""Reading utterances to run a model on: audio files, directories (recursive, or a LibriSpeech
+tree), manifests (TSV, JSONL, fairseq) or shard directories, resampled to 16 kHz.
+
+    skipped = Counter()
+    for utt in read_utterances(["audio/", "data/dev"], skipped):   # Utterance(id, audio, text, meta)
+        ...
+    skipped    # unreadable inputs by reason, each also reported on stderr
+
+Used by transcription, evaluation and feature extraction.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+SAMPLE_RATE = 16000
+
+
+@dataclass
+class Utterance:
+    """audio: ``(S,)`` float32 at 16 kHz; meta: the sample's json (shards) or the manifest fields."""
+
+    id: str
+    audio: np.ndarray
+    text: str | None
+    meta: dict = field(default_factory=dict)
+
+
+def _skip(skipped: Counter, name: str, reason: str, detail: str) -> None:
+    skipped[reason] += 1
+    print(f"skipped {name}: {detail}", file=sys.stderr)
+
+
+def _shard_utterances(directory: Path, skipped: Counter, workers: int) -> Iterator[Utterance]:
+    from speechssl.data import DataConfig, make_loader
+
+    config = DataConfig(shards=[str(directory)], max_tokens=SAMPLE_RATE * 600, max_sample_size=SAMPLE_RATE * 600,
+                        min_sample_size=0, crop=False, crop_to_shortest=False, num_workers=workers)
+    for batch in make_loader(config, train=False):
+        for key, reason in batch.metadata["skipped"]:
+            _skip(skipped, key, reason.split(":")[0], reason)
+        for row, n, meta in zip(batch.waveforms, batch.lengths.tolist(), batch.metadata["samples"], strict=True):
+            meta = {k: v for k, v in meta.items() if k != "__shard__"}
+            yield Utterance(meta.get("id", meta["__key__"]), row[:n].numpy(), meta.get("text"), meta)
+
+
+def read_utterances(inputs: list[str], skipped: Counter, workers: int = 0) -> Iterator[Utterance]:
+    """Every utterance of ``inputs``, in order; unreadable ones are counted in ``skipped`` by reason.
+    ``workers``: processes decoding shards (0: this one)."""
+    from data_tools.audio import BadAudio, prepare, read_audio
+    from data_tools.sources import Entry, read_source
+    from speechssl.data.shardset import INDEX
+
+    for name in inputs:
+        path = Path(name)
+        if (path / INDEX).is_file():
+            yield from _shard_utterances(path, skipped, workers)
+            continue
+        is_audio_file = path.is_file() and path.suffix.lower() not in (".tsv", ".jsonl", ".json", ".txt", ".csv")
+        entries = [Entry(id=path.stem, path=str(path))] if is_audio_file else read_source(path)[0]
+        for entry in entries:
+            try:
+                samples, rate = read_audio(entry.path)
+                audio = prepare(samples, rate, SAMPLE_RATE, min_seconds=0.03, max_seconds=float("inf"))
+            except BadAudio as e:
+                _skip(skipped, entry.id, e.reason, str(e))
+                continue
+            meta = {"id": entry.id, "path": entry.path, **({"text": entry.text} if entry.text is not None else {}),
+                    **({"speaker": entry.speaker} if entry.speaker is not None else {}), **entry.extra}
+            yield Utterance(entry.id, audio, entry.text, meta)
+
+
+def batches(utterances: Iterator[Utterance], max_seconds: float) -> Iterator[list[Utterance]]:
+    """Consecutive utterances grouped so that a batch's padded audio stays under ``max_seconds``
+    (an utterance longer than that is a batch of its own)."""
+    batch: list[Utterance] = []
+    for utt in utterances:
+        longest = max([len(u.audio) for u in batch] + [len(utt.audio)])
+        if batch and longest * (len(batch) + 1) > max_seconds * SAMPLE_RATE:
+            yield batch
+            batch = []
+        batch.append(utt)
+    if batch:
+        yield batch
