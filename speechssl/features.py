@@ -14,6 +14,10 @@ output of layer i (of stack i for the Zipformer). ``layers`` is a list of indice
 ``"last"``. The model runs in eval mode, without masking or quantizer, and only up to the deepest
 selected layer.
 
+A recording too long for one pass goes through :meth:`LayerFeatures.windowed`: overlapping
+windows, each keeping the frames nearest its centre, stitched into the single pass's frames in
+bounded memory.
+
 ``weighted_sum=True`` adds learnable softmax weights over the selected layers (Hugging Face's
 ``use_weighted_layer_sum``, SUPERB's upstream weighting): ``out.weighted`` is ``(B, T, D)`` and
 only the weights train. ``capture`` names submodules (as in ``model.named_modules()``) whose
@@ -24,6 +28,7 @@ read without editing the model.
 from __future__ import annotations
 
 import difflib
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -52,6 +57,13 @@ def _first_tensor(value) -> Tensor | None:
     if isinstance(value, (tuple, list)):
         return next((v for v in map(_first_tensor, value) if v is not None), None)
     return getattr(value, "output", None)
+
+
+def _fixed_group_norm(norm: nn.GroupNorm, x: Tensor, mean: Tensor, var: Tensor) -> Tensor:
+    """``norm`` (one group per channel) applied to ``x (B, C, S)`` with given statistics ``(C,)``."""
+    scale = torch.rsqrt(var + norm.eps).to(x.dtype)
+    y = (x - mean.to(x.dtype)[:, None]) * scale[:, None]
+    return y * norm.weight[:, None] + norm.bias[:, None] if norm.affine else y
 
 
 class LayerFeatures(nn.Module):
@@ -89,6 +101,87 @@ class LayerFeatures(nn.Module):
         self.model.eval()  # no dropout, layer drop or BatchNorm updates: features are deterministic
         return self
 
+    @property
+    def stride(self) -> int:
+        """Samples per output frame of the feature extractor (320 for the usual layers)."""
+        return math.prod(block.stride for block in self.model.feature_extractor.blocks)
+
+    def window_plan(self, samples: int, window: int, overlap: int) -> list[tuple[int, int, int, int]]:
+        """Windows over ``samples``: ``(first sample, end sample, first kept frame, end kept frame)``,
+        frames counted from the recording's start. Windows start on frame boundaries, so a window's
+        frames are the single pass's; each window keeps its frames up to the middle of the overlap
+        with the next, and together they keep every frame of the single pass exactly once."""
+        stride, field = self.stride, self.model.feature_extractor.receptive_field
+        if window % stride or overlap % stride or not 2 * field <= overlap < window:
+            raise ValueError(f"window ({window}) and overlap ({overlap}) must be multiples of {stride} samples "
+                             f"with {2 * field} <= overlap < window")
+        hop = window - overlap
+        starts = [0]
+        while starts[-1] + window < samples:
+            starts.append(starts[-1] + hop)
+        total = int(self.model.feature_extractor.output_lengths(torch.tensor([samples]))[0])
+        cuts = [0, *((start + overlap // 2) // stride for start in starts[1:]), total]
+        return [(start, min(start + window, samples), cuts[i], cuts[i + 1]) for i, start in enumerate(starts)]
+
+    def windowed(self, audio: Tensor, window: int, overlap: int, batch_windows: int = 8) -> LayerOutput:
+        """The selected layers of one recording ``audio (S,)`` computed in windows of ``window``
+        samples overlapping by ``overlap`` (see :meth:`window_plan`), ``batch_windows`` at a time:
+        ``(1, T, D)`` per layer, with T the single pass's frames. Memory holds a batch of windows
+        and the stitched result. Nothing is captured by hooks here."""
+        plan = self.window_plan(audio.shape[-1], window, overlap)
+        pieces: list[list[Tensor]] = [[] for _ in self.layers]
+        norm = self.model.feature_extractor.blocks[0].norm
+        handle = None
+        if isinstance(norm, nn.GroupNorm):  # normalise every window with the recording's statistics
+            mean, var = self._first_conv_statistics(audio, plan)
+            handle = norm.register_forward_hook(lambda m, inputs, _: _fixed_group_norm(m, inputs[0], mean, var))
+        try:
+            for first in range(0, len(plan), batch_windows):
+                group = plan[first: first + batch_windows]
+                lengths = torch.tensor([end - start for start, end, _, _ in group])
+                waves = audio.new_zeros(len(group), int(lengths.max()))
+                for row, (start, end, _, _) in enumerate(group):
+                    waves[row, : end - start] = audio[start:end]
+                out = self(waves, lengths)
+                for row, (start, _, keep_from, keep_to) in enumerate(group):
+                    offset = start // self.stride
+                    for i, state in enumerate(out.hidden_states):
+                        pieces[i].append(state[row, keep_from - offset: keep_to - offset])
+        finally:
+            if handle is not None:
+                handle.remove()
+        states = [torch.cat(p).unsqueeze(0) for p in pieces]
+        frames = torch.tensor([states[0].shape[1]])
+        return LayerOutput(states, self.layers, frames, self._weighted(states))
+
+    @torch.no_grad()
+    def _first_conv_statistics(self, audio: Tensor, plan: list[tuple[int, int, int, int]]) -> tuple[Tensor, Tensor]:
+        """Per-channel mean and variance over the whole recording of the first convolution's
+        output, which the ``group_norm`` extractor normalises over time: accumulated window by
+        window, each window counting the frames it keeps (the last one, to the end)."""
+        block = self.model.feature_extractor.blocks[0]
+        per_frame = self.stride // block.stride
+        total = torch.zeros(block.conv.out_channels, dtype=torch.float64, device=audio.device)
+        squares, count = torch.zeros_like(total), 0
+        for i, (start, end, keep_from, keep_to) in enumerate(plan):
+            y = block.conv(audio[start:end].view(1, 1, -1))[0].double()
+            offset = start // block.stride
+            y = y[:, keep_from * per_frame - offset: None if i == len(plan) - 1 else keep_to * per_frame - offset]
+            total += y.sum(1)
+            squares += y.square().sum(1)
+            count += y.shape[1]
+        mean = total / count
+        return mean, (squares / count - mean.square()).clamp_min(0)
+
+    def _weighted(self, selected: list[Tensor]) -> Tensor | None:
+        if self.layer_weights is None:
+            return None
+        if len({s.shape for s in selected}) > 1:
+            widths = {i: s.shape[-1] for i, s in zip(self.layers, selected, strict=True)}
+            raise ValueError(f"weighted_sum needs layers of one shape; their widths are {widths}")
+        weights = self.layer_weights.softmax(0).to(selected[0].dtype)
+        return (torch.stack(selected) * weights.view(-1, 1, 1, 1)).sum(0)
+
     def forward(self, waveforms: Tensor, lengths: Tensor | None = None) -> LayerOutput:
         """``waveforms (B, S)``, ``lengths (B,)`` in samples (None: all ``S`` are valid)."""
         model = self.model
@@ -108,11 +201,4 @@ class LayerFeatures(nn.Module):
         states = [out.input_state, *out.hidden_states]
         selected = [states[i] for i in self.layers]
         frames = None if padding_mask is None else (~out.padding_mask).sum(1)
-        weighted = None
-        if self.layer_weights is not None:
-            if len({s.shape for s in selected}) > 1:
-                widths = {i: s.shape[-1] for i, s in zip(self.layers, selected, strict=True)}
-                raise ValueError(f"weighted_sum needs layers of one shape; their widths are {widths}")
-            weights = self.layer_weights.softmax(0).to(selected[0].dtype)
-            weighted = (torch.stack(selected) * weights.view(-1, 1, 1, 1)).sum(0)
-        return LayerOutput(selected, self.layers, frames, weighted, captured)
+        return LayerOutput(selected, self.layers, frames, self._weighted(selected), captured)

@@ -1,0 +1,340 @@
+"""Feature extraction to disk: hidden states of chosen layers for every utterance of a corpus.
+
+    python -m speechssl.extract MODEL INPUT... --output DIR [--layers 6,12] [--format npy|shards|safetensors]
+    speechssl extract MODEL INPUT... --output DIR ...
+
+MODEL is a pretraining run folder (its ``model.pt``), a model file (pretraining or CTC), or
+``hf:NAME_OR_PATH`` (a Hugging Face Wav2Vec2 or Wav2Vec2-Conformer checkpoint). INPUT is audio
+files, directories, manifests or shard directories (as for ``python -m finetune transcribe``).
+``--layers``: indices (0 is the context input), ``all`` or ``last`` (see
+:mod:`speechssl.features`).
+
+Formats, in DIR:
+
+- ``npy``: ``layer{K}/{file}.npy`` of shape ``(frames, dim)`` per utterance and layer, and
+  ``index.tsv`` (id, file, frames, the utterance's metadata as JSON);
+- ``shards``: webdataset tars ``features-NNNNNN.tar`` whose samples hold ``layer{K}.npy`` next to
+  the utterance's metadata (``json``, with ``frames`` and ``layers`` added);
+- ``safetensors``: ``features-NNNNNN.safetensors`` with tensors ``{id}/layer{K}`` and the ids and
+  metadata in the file's header.
+
+Utterances are batched by padded audio length (``--batch-seconds``) on the GPU when there is one,
+optionally in fp16 or bf16 (``--dtype``); each runs on its own samples, so its features do not
+depend on the batching. A recording longer than ``--max-seconds`` goes through overlapping
+windows (``--window-seconds``, ``--overlap-seconds``) stitched to the single pass's frames.
+The run is resumable: what DIR already holds (complete files only) is skipped, so a killed
+extraction started again finishes the rest without duplicates. :func:`read_features` reads any
+of the three formats back.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import re
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from speechssl.data.inputs import SAMPLE_RATE, Utterance, batches, read_utterances
+from speechssl.features import LayerFeatures
+from speechssl.models.encoder import SpeechEncoder
+
+
+def load_encoder(source: str) -> tuple[SpeechEncoder, bool]:
+    """The model named by ``source`` and whether it expects normalised audio (a CTC model says so;
+    for the others, ``--normalize``)."""
+    if source.startswith("hf:"):
+        from speechssl.interop.huggingface import from_huggingface
+
+        return from_huggingface(source[3:]), False
+    path = Path(source)
+    if path.is_dir():
+        path = path / "model.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist (a run folder with model.pt, a model file, or hf:NAME)")
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    kind = blob.get("format") if isinstance(blob, dict) else None
+    if kind == "speechssl.CTCModel":
+        from speechssl.models.ctc import load_ctc_model
+
+        model = load_ctc_model(path)
+        return model, bool(model.normalize_audio)
+    from speechssl import load_model
+
+    return load_model(path), False
+
+
+def _meta(utt: Utterance) -> dict:
+    """The utterance's metadata as written next to its features (the reader's own keys left out)."""
+    return {**{k: v for k, v in utt.meta.items() if not k.startswith("__")}, "id": utt.id}
+
+
+def _file_name(uid: str) -> str:
+    """A file name for an utterance id (ids may hold slashes)."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", uid)
+
+
+class NpyWriter:
+    """One ``.npy`` per utterance and layer; ``index.tsv`` lists an utterance once its files are
+    in place, and is what a resumed run trusts."""
+
+    def __init__(self, out: Path, layers: list[int]):
+        self.out, self.layers = out, layers
+        for k in layers:
+            (out / f"layer{k}").mkdir(parents=True, exist_ok=True)
+        self.index = out / "index.tsv"
+        self.done: set[str] = set()
+        if self.index.is_file():
+            lines = self.index.read_text().split("\n")
+            complete = lines[1:-1]  # the last piece has no newline: unfinished (or empty)
+            self.done = {line.split("\t")[0] for line in complete}
+            self.index.write_text("\n".join(lines[:-1]) + "\n")
+        else:
+            self.index.write_text("id\tfile\tframes\tmeta\n")
+
+    def write(self, utt: Utterance, states: list[np.ndarray]) -> None:
+        name = _file_name(utt.id)
+        for k, state in zip(self.layers, states, strict=True):
+            partial = self.out / f"layer{k}" / f"{name}.partial.npy"
+            np.save(partial, state)
+            partial.replace(self.out / f"layer{k}" / f"{name}.npy")
+        with self.index.open("a") as f:
+            f.write(f"{utt.id}\t{name}.npy\t{len(states[0])}\t{json.dumps(_meta(utt), ensure_ascii=False)}\n")
+        self.done.add(utt.id)
+
+    def close(self) -> None:
+        pass
+
+
+class _ChunkWriter:
+    """Files of ``per_file`` utterances, each written whole under a temporary name and renamed:
+    a killed run leaves no partial file that counts."""
+
+    suffix = ""
+
+    def __init__(self, out: Path, layers: list[int], per_file: int):
+        self.out, self.layers, self.per_file = out, layers, per_file
+        out.mkdir(parents=True, exist_ok=True)
+        for stale in out.glob(f"*{self.suffix}.partial"):
+            stale.unlink()
+        existing = sorted(out.glob(f"features-*{self.suffix}"))
+        self.done: set[str] = set()
+        for path in existing:
+            self.done.update(self.ids_in(path))
+        self.number = len(existing)
+        self.pending: list[tuple[Utterance, list[np.ndarray]]] = []
+
+    def write(self, utt: Utterance, states: list[np.ndarray]) -> None:
+        self.pending.append((utt, states))
+        self.done.add(utt.id)
+        if len(self.pending) == self.per_file:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        path = self.out / f"features-{self.number:06d}{self.suffix}"
+        partial = path.with_name(path.name + ".partial")
+        self.save(partial)
+        partial.replace(path)
+        self.number += 1
+        self.pending = []
+
+    def close(self) -> None:
+        self.flush()
+
+    def ids_in(self, path: Path) -> list[str]:
+        raise NotImplementedError
+
+    def save(self, path: Path) -> None:
+        raise NotImplementedError
+
+
+class ShardWriter(_ChunkWriter):
+    """webdataset tars: per utterance ``{key}.json`` (its metadata, frames, layers) and
+    ``{key}.layer{K}.npy``."""
+
+    suffix = ".tar"
+
+    def ids_in(self, path: Path) -> list[str]:
+        import webdataset as wds
+
+        return [json.loads(s["json"])["id"] for s in wds.DataPipeline(wds.SimpleShardList([str(path)]),
+                                                                     wds.tarfile_to_samples())]
+
+    def save(self, path: Path) -> None:
+        import webdataset as wds
+
+        with wds.TarWriter(str(path)) as sink:
+            for i, (utt, states) in enumerate(self.pending):
+                meta = {**_meta(utt), "frames": len(states[0]), "layers": self.layers}
+                sink.write({"__key__": f"{self.number:06d}_{i:06d}", "json": meta,
+                            **{f"layer{k}.npy": s for k, s in zip(self.layers, states, strict=True)}})
+
+
+class SafetensorsWriter(_ChunkWriter):
+    """safetensors files: tensors ``{id}/layer{K}``; the header's metadata holds ``ids`` and
+    ``meta`` (JSON)."""
+
+    suffix = ".safetensors"
+
+    def ids_in(self, path: Path) -> list[str]:
+        from safetensors import safe_open
+
+        with safe_open(str(path), "np") as f:
+            return json.loads(f.metadata()["ids"])
+
+    def save(self, path: Path) -> None:
+        from safetensors.numpy import save_file
+
+        tensors = {f"{utt.id}/layer{k}": np.ascontiguousarray(s)
+                   for utt, states in self.pending for k, s in zip(self.layers, states, strict=True)}
+        metadata = {"ids": json.dumps([u.id for u, _ in self.pending]), "layers": json.dumps(self.layers),
+                    "meta": json.dumps({u.id: _meta(u) for u, _ in self.pending}, ensure_ascii=False)}
+        save_file(tensors, str(path), metadata=metadata)
+
+
+def read_features(folder: str | Path) -> Iterator[tuple[str, dict[int, np.ndarray], dict]]:
+    """``(id, {layer: (frames, dim) array}, metadata)`` for every utterance an extraction wrote to
+    ``folder``, whatever its format."""
+    folder = Path(folder)
+    if (folder / "index.tsv").is_file():
+        lines = (folder / "index.tsv").read_text().splitlines()[1:]
+        layers = sorted(int(d.name[5:]) for d in folder.glob("layer*") if d.is_dir())
+        for line in lines:
+            uid, name, _, meta = line.split("\t", 3)
+            yield uid, {k: np.load(folder / f"layer{k}" / name) for k in layers}, json.loads(meta)
+    elif tars := sorted(folder.glob("features-*.tar")):
+        import webdataset as wds
+
+        for sample in wds.DataPipeline(wds.SimpleShardList([str(t) for t in tars]), wds.tarfile_to_samples()):
+            meta = json.loads(sample["json"])
+            yield meta["id"], {k: np.load(io.BytesIO(sample[f"layer{k}.npy"])) for k in meta["layers"]}, meta
+    else:
+        from safetensors import safe_open
+        from safetensors.numpy import load_file
+
+        for path in sorted(folder.glob("features-*.safetensors")):
+            with safe_open(str(path), "np") as f:
+                header = f.metadata()
+            tensors, layers, metas = load_file(str(path)), json.loads(header["layers"]), json.loads(header["meta"])
+            for uid in json.loads(header["ids"]):
+                yield uid, {k: tensors[f"{uid}/layer{k}"] for k in layers}, metas[uid]
+
+
+def parse_layers(text: str) -> list[int] | str:
+    if text in ("all", "last"):
+        return text
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--layers: indices like 6,12, or all, or last; got {text!r}") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m speechssl.extract", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", help="a run folder, a model file, or hf:NAME_OR_PATH")
+    parser.add_argument("inputs", nargs="+", help="audio files, directories, manifests or shard directories")
+    parser.add_argument("--output", required=True, help="the folder to write (and to resume in)")
+    parser.add_argument("--layers", type=parse_layers, default="last", help="e.g. 6,12, or all, or last")
+    parser.add_argument("--format", choices=["npy", "shards", "safetensors"], default="npy")
+    parser.add_argument("--per-file", type=int, default=1000, help="utterances per tar or safetensors file")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32",
+                        help="compute precision on a GPU (features are saved as float32 or float16)")
+    parser.add_argument("--save-dtype", choices=["float32", "float16"], default="float32")
+    parser.add_argument("--normalize", action="store_true",
+                        help="zero mean, unit variance per utterance, for models pretrained with data.normalize")
+    parser.add_argument("--batch-seconds", type=float, default=300.0, help="padded audio per batch")
+    parser.add_argument("--max-seconds", type=float, default=60.0, help="longer recordings are windowed")
+    parser.add_argument("--window-seconds", type=float, default=30.0)
+    parser.add_argument("--overlap-seconds", type=float, default=4.0)
+    parser.add_argument("--workers", type=int, default=2, help="processes decoding shards")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    try:
+        model, normalize = load_encoder(args.model)
+        features = LayerFeatures(model, args.layers)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    normalize = normalize or args.normalize
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    features.to(device)
+    model.extract_per_utterance = True  # features that do not depend on what they were batched with
+    out = Path(args.output)
+    writer = {"npy": lambda: NpyWriter(out, features.layers),
+              "shards": lambda: ShardWriter(out, features.layers, args.per_file),
+              "safetensors": lambda: SafetensorsWriter(out, features.layers, args.per_file)}[args.format]()
+    window = int(args.window_seconds * SAMPLE_RATE) // features.stride * features.stride
+    overlap = int(args.overlap_seconds * SAMPLE_RATE) // features.stride * features.stride
+    autocast = torch.autocast(device.type, dtype={"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.dtype),
+                              enabled=args.dtype != "fp32")
+    save_dtype = np.dtype(args.save_dtype)
+    skipped, counts = Counter(), Counter()
+    from tqdm import tqdm
+
+    bar = tqdm(unit="utt", disable=args.quiet, dynamic_ncols=True)
+
+    def todo():
+        for utt in read_utterances(args.inputs, skipped, args.workers):
+            if utt.id in writer.done:
+                counts["already written"] += 1
+                bar.update(1)
+                continue
+            if normalize:
+                utt.audio = (utt.audio - utt.audio.mean()) / np.sqrt(utt.audio.var() + 1e-5)
+            yield utt
+
+    def save(utt: Utterance, states: list[torch.Tensor]) -> None:
+        writer.write(utt, [s.float().cpu().numpy().astype(save_dtype) for s in states])
+        counts["written"] += 1
+        counts["audio_seconds"] += len(utt.audio) / SAMPLE_RATE
+        bar.update(1)
+
+    def unwindowed():
+        """Utterances for batching; a long one is windowed and saved on the way."""
+        for utt in todo():
+            if len(utt.audio) <= args.max_seconds * SAMPLE_RATE:
+                yield utt
+                continue
+            with autocast:
+                result = features.windowed(torch.from_numpy(utt.audio).to(device), window, overlap)
+            save(utt, [s[0] for s in result.hidden_states])
+            counts["windowed"] += 1
+
+    start = time.perf_counter()
+    try:
+        for batch in batches(unwindowed(), args.batch_seconds):
+            lengths = torch.tensor([len(u.audio) for u in batch])
+            waves = torch.zeros(len(batch), int(lengths.max()))
+            for i, u in enumerate(batch):
+                waves[i, : len(u.audio)] = torch.from_numpy(u.audio)
+            with autocast:
+                result = features(waves.to(device), lengths)
+            for i, utt in enumerate(batch):
+                save(utt, [s[i, : int(result.lengths[i])] for s in result.hidden_states])
+    finally:
+        writer.close()
+        bar.close()
+    seconds = time.perf_counter() - start  # reading, computing and writing; not the model's loading
+    audio = counts.pop("audio_seconds", 0.0)
+    summary = {"output": str(out), "format": args.format, "layers": features.layers, **counts,
+               "skipped": dict(skipped), "audio_seconds": round(audio, 1), "seconds": round(seconds, 2),
+               "audio_seconds_per_second": round(audio / max(seconds, 1e-9), 1),
+               "real_time_factor": round(seconds / audio, 5) if audio else None}
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
