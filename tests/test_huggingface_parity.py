@@ -207,6 +207,11 @@ def test_exported_model_gives_our_hidden_states(config: str) -> None:
     valid = torch.arange(layers[0].shape[1]) < frames[:, None]
     for got, want in zip(layers, expected.hidden_states[1:], strict=True):
         torch.testing.assert_close(want[valid], got[valid], rtol=0, atol=1e-4)
+    from speechssl.features import LayerFeatures  # and layer 0, the encoder input, as users read it
+
+    every = LayerFeatures(ours, "all")(waves, LENGTHS).hidden_states
+    assert len(every) == len(expected.hidden_states)
+    torch.testing.assert_close(expected.hidden_states[0][valid], every[0][valid], rtol=0, atol=1e-4)
 
 
 def test_export_refuses_what_huggingface_cannot_hold() -> None:
