@@ -23,7 +23,8 @@ optionally in fp16 or bf16 (``--dtype``); each runs on its own samples, so its f
 depend on the batching. A recording longer than ``--max-seconds`` goes through overlapping
 windows (``--window-seconds``, ``--overlap-seconds``) stitched to the single pass's frames.
 The run is resumable: what DIR already holds (complete files only) is skipped, so a killed
-extraction started again finishes the rest without duplicates. :func:`read_features` reads any
+extraction started again finishes the rest without duplicates; ``extract.json`` records the
+settings, and resuming with other ones is refused. :func:`read_features` reads any
 of the three formats back.
 """
 
@@ -229,6 +230,22 @@ def read_features(folder: str | Path) -> Iterator[tuple[str, dict[int, np.ndarra
                 yield uid, {k: tensors[f"{uid}/layer{k}"] for k in layers}, metas[uid]
 
 
+def check_settings(out: Path, settings: dict) -> None:
+    """Record what an extraction writes (``extract.json``); resuming into ``out`` with other
+    settings would mix two extractions, so it is refused, naming what differs."""
+    path = out / "extract.json"
+    if path.is_file():
+        before = json.loads(path.read_text())
+        differ = {k: (before.get(k), v) for k, v in settings.items() if before.get(k) != v}
+        if differ:
+            raise ValueError(f"{out} holds an extraction with other settings "
+                             f"({', '.join(f'{k}: {a!r} there, {b!r} now' for k, (a, b) in differ.items())}); "
+                             "choose another --output")
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(settings, indent=1) + "\n")
+
+
 def parse_layers(text: str) -> list[int] | str:
     if text in ("all", "last"):
         return text
@@ -272,6 +289,13 @@ def main(argv: list[str] | None = None) -> int:
     features.to(device)
     model.extract_per_utterance = True  # features that do not depend on what they were batched with
     out = Path(args.output)
+    settings = {"model": args.model, "layers": features.layers, "format": args.format, "save_dtype": args.save_dtype,
+                "normalize": normalize}
+    try:
+        check_settings(out, settings)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     writer = {"npy": lambda: NpyWriter(out, features.layers),
               "shards": lambda: ShardWriter(out, features.layers, args.per_file),
               "safetensors": lambda: SafetensorsWriter(out, features.layers, args.per_file)}[args.format]()

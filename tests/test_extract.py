@@ -147,7 +147,9 @@ def test_console_entry_and_clear_errors(corpus: Path, tmp_path: Path) -> None:
     assert json.loads(done.stdout.splitlines()[-1])["written"] == 14
     assert len(list((tmp_path / "x" / "layer2").glob("*.npy"))) == 14
     for args, words in (([str(tmp_path / "nothing"), str(corpus / "wav")], "does not exist"),
-                        ([str(corpus / "model.pt"), str(corpus / "wav"), "--layers", "7"], "layers [7]")):
-        bad = subprocess.run([sys.executable, "-m", "speechssl.extract", *args, "--output", str(tmp_path / "y")],
+                        ([str(corpus / "model.pt"), str(corpus / "wav"), "--layers", "7"], "layers [7]"),
+                        ([str(corpus / "model.pt"), str(corpus / "wav"), "--layers", "1"],
+                         "other settings (layers: [2] there, [1] now)")):
+        bad = subprocess.run([sys.executable, "-m", "speechssl.extract", *args, "--output", str(tmp_path / "x")],
                              capture_output=True, text=True, cwd=REPO, check=False, timeout=300)
         assert bad.returncode == 2 and words in bad.stderr, bad.stderr[-2000:]
