@@ -17,6 +17,7 @@ import argparse
 import json
 import platform
 import sys
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -39,14 +40,35 @@ def make_batch(batch_size: int, seconds: float, device: torch.device,
     return torch.from_numpy(waves).to(device), lengths
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def step_arguments(parser: argparse.ArgumentParser) -> None:
+    """The model, batch, precision and timing options every step benchmark takes."""
     parser.add_argument("--config", default="configs/model/base_transformer.yaml")
     parser.add_argument("--batch-size", type=int, default=6)
     parser.add_argument("--seconds", type=float, default=15.6)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
+
+
+def time_steps(step: Callable[[], None], warmup: int, steps: int) -> float:
+    """Milliseconds per call of ``step`` (CUDA events, mean of ``steps`` after ``warmup``); peak
+    memory is counted from the first timed call."""
+    for _ in range(warmup):
+        step()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(steps):
+        step()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / steps
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    step_arguments(parser)
     parser.add_argument("--padded", action="store_true", help="rows of different lengths")
     parser.add_argument("--optimizer", choices=["adamw", "scaled_adam"], default="adamw",
                         help="fused AdamW, or ScaledAdam (the Zipformer's)")
@@ -79,17 +101,7 @@ def main() -> None:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    for _ in range(args.warmup):
-        step()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(args.steps):
-        step()
-    end.record()
-    torch.cuda.synchronize()
-    ms = start.elapsed_time(end) / args.steps
+    ms = time_steps(step, args.warmup, args.steps)
 
     torch.cuda.set_sync_debug_mode("error")  # any host-device synchronisation now raises
     try:

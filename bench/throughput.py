@@ -29,7 +29,7 @@ from collections.abc import Callable
 import torch
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
-from step_time import make_batch
+from step_time import make_batch, step_arguments, time_steps  # the same audio and timing as bench/step_time.py
 
 from speechssl import Wav2Vec2Model, load_model_config
 
@@ -43,17 +43,7 @@ def measure(step: Callable[[], torch.Tensor], params, warmup: int, steps: int, a
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    for _ in range(warmup):
-        full()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(steps):
-        full()
-    end.record()
-    torch.cuda.synchronize()
-    ms = start.elapsed_time(end) / steps
+    ms = time_steps(full, warmup, steps)
     peak = torch.cuda.max_memory_allocated() / 2**30
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -69,12 +59,7 @@ def measure(step: Callable[[], torch.Tensor], params, warmup: int, steps: int, a
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="configs/model/base_transformer.yaml")
-    parser.add_argument("--batch-size", type=int, default=6)
-    parser.add_argument("--seconds", type=float, default=15.6)
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
+    step_arguments(parser)
     parser.add_argument("--compare-hf", action="store_true", help="time Hugging Face's model on the same batch")
     parser.add_argument("overrides", nargs="*", help="dotted model config overrides")
     args = parser.parse_args()

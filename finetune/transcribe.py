@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from speechssl.data.audio import normalize_audio
 from speechssl.data.inputs import Utterance, batches, read_utterances
 
 
@@ -36,10 +37,8 @@ def transcribe(model, utterances: Iterator[Utterance], device: torch.device,
         lengths = torch.tensor([len(u.audio) for u in batch])
         waves = torch.zeros(len(batch), int(lengths.max()))
         for i, u in enumerate(batch):
-            audio = torch.from_numpy(u.audio)
-            if model.normalize_audio:  # as in training (data.normalize)
-                audio = (audio - audio.mean()) / torch.sqrt(audio.var(unbiased=False) + 1e-5)
-            waves[i, : len(u.audio)] = audio
+            # as in training (data.normalize)
+            waves[i, : len(u.audio)] = torch.from_numpy(normalize_audio(u.audio) if model.normalize_audio else u.audio)
         logits, frames = model(waves.to(device), lengths)
         for utt, ids in zip(batch, greedy_decode(logits, frames, model.blank), strict=True):
             yield utt, tokenizer.decode(ids)

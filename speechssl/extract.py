@@ -43,6 +43,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from speechssl.data.audio import normalize_audio
 from speechssl.data.inputs import SAMPLE_RATE, Utterance, batches, read_utterances
 from speechssl.features import LayerFeatures
 from speechssl.models.encoder import SpeechEncoder
@@ -316,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
                 bar.update(1)
                 continue
             if normalize:
-                utt.audio = (utt.audio - utt.audio.mean()) / np.sqrt(utt.audio.var() + 1e-5)
+                utt.audio = normalize_audio(utt.audio)
             yield utt
 
     def save(utt: Utterance, states: list[torch.Tensor]) -> None:

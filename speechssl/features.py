@@ -94,7 +94,7 @@ class LayerFeatures(nn.Module):
             if name not in modules:
                 near = difflib.get_close_matches(name, list(modules), n=3)
                 raise ValueError(f"no module named {name!r} in the model" + (f"; did you mean {near}?" if near else ""))
-        self.capture = list(capture)
+        self.capture = [(name, modules[name]) for name in capture]  # a list: not registered as submodules
 
     def train(self, mode: bool = True) -> LayerFeatures:
         super().train(mode)
@@ -186,9 +186,9 @@ class LayerFeatures(nn.Module):
         """``waveforms (B, S)``, ``lengths (B,)`` in samples (None: all ``S`` are valid)."""
         model = self.model
         captured: dict[str, Tensor] = {}
-        modules = dict(model.named_modules())
-        handles = [modules[name].register_forward_hook(
-            lambda _m, _i, out, name=name: captured.__setitem__(name, _first_tensor(out))) for name in self.capture]
+        handles = [module.register_forward_hook(
+            lambda _m, _i, out, name=name: captured.__setitem__(name, _first_tensor(out)))
+            for name, module in self.capture]
         try:
             with torch.no_grad():
                 features, padding_mask, _ = model._features(waveforms, lengths, None)

@@ -12,3 +12,8 @@ def decode_audio(data: bytes) -> tuple[np.ndarray, int]:
     """Decode audio bytes (FLAC in our shards) to mono float32 ``(S,)`` and the sample rate."""
     samples, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
     return samples.mean(axis=1), rate
+
+
+def normalize_audio(audio: np.ndarray) -> np.ndarray:
+    """Zero mean, unit variance (fairseq's ``normalize``): ``(S,) -> (S,)``, as training saw it."""
+    return (audio - audio.mean()) / np.sqrt(audio.var() + 1e-5)

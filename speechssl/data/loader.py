@@ -28,7 +28,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from speechssl.config import check
-from speechssl.data.audio import decode_audio
+from speechssl.data.audio import decode_audio, normalize_audio
 from speechssl.data.plan import EpochPlan, Item, plan_epoch, round_robin
 from speechssl.data.shardset import ShardSet
 
@@ -207,7 +207,7 @@ class ShardStream(IterableDataset):
             raise ValueError(f"{len(audio)} samples, the index says at least {item.start + item.length}")
         audio = audio[item.start: item.start + item.length]
         if self.config.normalize:
-            audio = (audio - audio.mean()) / np.sqrt(audio.var() + 1e-5)
+            audio = normalize_audio(audio)
         return audio
 
 
@@ -281,14 +281,12 @@ class AudioLoader:
         batches = started[1] if started and started[0] == (self.epoch, self.consumed) else self._start(
             self.epoch, self.consumed)
         del started  # a stale prefetch (after set_epoch or a resume) shuts its workers down
-        workers = self.stream.config.num_workers
-        remaining = self._count(plan) - self.consumed
+        workers, total = self.stream.config.num_workers, self._count(plan)
         for batch in batches:
             self.consumed += 1
             self.stats["batches"] += 1
             self.stats["corrupt"] += len(batch.metadata["skipped"])
-            remaining -= 1
-            if self.stream.train and workers and remaining == min(2 * workers, self._count(plan) - 1):
+            if self.stream.train and workers and total - self.consumed == min(2 * workers, total - 1):
                 self._next = ((self.epoch + 1, 0), self._start(self.epoch + 1, 0))
             yield batch
         self.epoch, self.consumed = self.epoch + 1, 0
