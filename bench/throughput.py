@@ -1,41 +1,80 @@
-"""Pretraining step throughput, ours and Hugging Face's side by side on the same GPU and batch.
+"""Pretraining step throughput, ours and a reference implementation's side by side on one GPU and batch.
 
     python bench/throughput.py --config configs/model/base_transformer.yaml --compare-hf
     python bench/throughput.py --config configs/model/base_conformer.yaml --compare-hf \
-        context.position_embeddings=rotary
-    python bench/throughput.py --config configs/model/medium_zipformer.yaml
+        --compile context.layers context.position_embeddings=rotary
+    python bench/throughput.py --config configs/model/medium_zipformer.yaml --context-only --compare-reference
 
 A full training step: forward with all losses, backward, fused AdamW step, in bf16 autocast
 (``--dtype``), on ``--batch-size`` generated utterances of ``--seconds`` (unpadded). Reports
 milliseconds per step (CUDA events, mean of ``--steps`` after ``--warmup``), audio-seconds per
 second, model TFLOP/s (the forward and backward of one step counted with
-``torch.utils.flop_counter.FlopCounterMode``, divided by the step time) and peak memory.
+``torch.utils.flop_counter.FlopCounterMode`` in eager mode and with the positional convolution
+counted as a direct convolution, divided by the step time) and peak memory.
 
 ``--compare-hf`` exports our randomly initialised model to ``transformers``
 (``Wav2Vec2ForPreTraining`` or ``Wav2Vec2ConformerForPreTraining``, same weights, SDPA attention)
 and times its step in the same process on the same batch, with its masks and negatives drawn
 once beforehand (its ``_compute_mask_indices`` and ``_sample_negative_indices``, outside the
 timing); ours draws its masks and negatives on the GPU inside every step. Prints the ratio.
+
+``--context-only`` times the context network alone: forward and backward of the mean of its
+output on random features at the extractor's frame rate, and a fused AdamW step of its
+parameters. The reference is then Hugging Face's encoder (``--compare-hf``) or, for a Zipformer,
+the reference package's encoder (``--compare-reference``; PyPI ``zipformer`` 0.1.3, icefall's
+Zipformer2, the same sizes, time-major input as it expects, its schedules past warm-up).
+
+``--compile MODULE`` (repeatable) compiles parts of our model as ``trainer.compile`` does.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
+from torch import nn
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
+sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent.parent))
 from step_time import make_batch, step_arguments, time_steps  # the same audio and timing as bench/step_time.py
 
 from speechssl import Wav2Vec2Model, load_model_config
+from speechssl.training.compilation import compile_submodules
 
 
-def measure(step: Callable[[], torch.Tensor], params, warmup: int, steps: int, audio_seconds: float) -> dict:
-    """Time ``step`` (forward and backward, returns nothing needed) plus a fused AdamW update."""
+@contextlib.contextmanager
+def direct_convolutions(model: nn.Module) -> Iterator[None]:
+    """The positional convolution as ``nn.Conv1d`` (what FlopCounterMode counts), not through the FFT."""
+    modules = [m for m in model.modules() if hasattr(m, "use_fft")]
+    saved = [m.use_fft for m in modules]
+    for m in modules:
+        m.use_fft = False
+    try:
+        yield
+    finally:
+        for m, value in zip(modules, saved, strict=True):
+            m.use_fft = value
+
+
+def count_flops(step: Callable[[], None], params: list[nn.Parameter]) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step()
+    for p in params:
+        p.grad = None
+    return counter.get_total_flops()
+
+
+def measure(step: Callable[[], None], params: list[nn.Parameter], flops: float, warmup: int, steps: int,
+            audio_seconds: float) -> dict:
+    """Time ``step`` (forward and backward) plus a fused AdamW update of ``params``."""
     optimizer = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.01, fused=True)
 
     def full() -> None:
@@ -45,22 +84,36 @@ def measure(step: Callable[[], torch.Tensor], params, warmup: int, steps: int, a
 
     ms = time_steps(full, warmup, steps)
     peak = torch.cuda.max_memory_allocated() / 2**30
-    from torch.utils.flop_counter import FlopCounterMode
-
-    counter = FlopCounterMode(display=False)
-    with counter:
-        step()
-    optimizer.zero_grad(set_to_none=True)
-    flops = counter.get_total_flops()
     return {"ms_per_step": round(ms, 1), "audio_seconds_per_second": round(audio_seconds / (ms / 1000), 1),
             "tflops_per_second": round(flops / (ms / 1000) / 1e12, 1), "tflop_per_step": round(flops / 1e12, 2),
             "peak_memory_gib": round(peak, 2)}
+
+
+def reference_zipformer(context: nn.Module) -> nn.Module:
+    """The reference package's encoder with our Zipformer's sizes, past every warm-up schedule."""
+    from tests.zipformer_reference import reference_module
+
+    c = context.config
+    sizes = ("downsampling_factor", "encoder_dim", "num_encoder_layers", "encoder_unmasked_dim", "query_head_dim",
+             "pos_head_dim", "value_head_dim", "num_heads", "feedforward_dim", "cnn_module_kernel")
+    ref = reference_module().Zipformer(output_downsampling_factor=2, pos_dim=c.pos_dim,
+                                       **{k: tuple(getattr(c, k)) for k in sizes})
+    for m in ref.modules():
+        if hasattr(m, "batch_count"):
+            m.batch_count = 100_000.0
+    return ref
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     step_arguments(parser)
     parser.add_argument("--compare-hf", action="store_true", help="time Hugging Face's model on the same batch")
+    parser.add_argument("--compare-reference", action="store_true",
+                        help="with --context-only and a Zipformer: time the reference package's encoder")
+    parser.add_argument("--context-only", action="store_true", help="time the context network alone")
+    parser.add_argument("--compile", action="append", default=[], metavar="MODULE",
+                        help="a submodule of ours to torch.compile, as trainer.compile (e.g. context.layers); "
+                             "repeat for more")
     parser.add_argument("overrides", nargs="*", help="dotted model config overrides")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -70,6 +123,7 @@ def main() -> None:
     model = Wav2Vec2Model(load_model_config(args.config, args.overrides))
     waves, lengths = make_batch(args.batch_size, args.seconds, device, padded=False)
     audio_seconds = float(lengths.sum()) / 16000
+    frames = int(model.feature_extractor.output_lengths(torch.tensor(waves.shape[1])))
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.dtype == "bf16")
     hf = None
     if args.compare_hf:
@@ -79,39 +133,83 @@ def main() -> None:
         hf.config._attn_implementation = "sdpa"
     model = model.to(device).train()
     model.set_num_updates(100_000)
+    features = torch.randn(args.batch_size, frames, model.context.input_dim, device=device)
 
-    def ours() -> None:
-        with autocast:
-            out = model(waves, lengths)
-        (out.loss / out.sample_size).backward()
+    if args.context_only:
+        ours_module = model.context
 
-    results = {"ours": measure(ours, model.parameters(), args.warmup, args.steps, audio_seconds)}
-    model.cpu()  # its GPU memory back before Hugging Face's model runs
+        def ours() -> None:
+            with autocast:
+                out = model.context(features)
+            out.output.float().mean().backward()
+    else:
+        ours_module = model
+
+        def ours() -> None:
+            with autocast:
+                out = model(waves, lengths)
+            (out.loss / out.sample_size).backward()
+
+    params = list(ours_module.parameters())
+    with direct_convolutions(model):
+        flops = count_flops(ours, params)
+    compiled = compile_submodules(model, args.compile)
+    results = {"ours": measure(ours, params, flops, args.warmup, args.steps, audio_seconds)}
+    model.cpu()  # its GPU memory back before the reference runs
     torch.cuda.empty_cache()
-    if hf is not None:
-        import numpy as np
-        from transformers.models.wav2vec2.modeling_wav2vec2 import _compute_mask_indices, _sample_negative_indices
 
-        hf = hf.to(device).train()
-        frames = int(hf._get_feat_extract_output_lengths(torch.tensor(waves.shape[1])))
-        mask = _compute_mask_indices((args.batch_size, frames), hf.config.mask_time_prob, hf.config.mask_time_length,
-                                     min_masks=2)
-        negatives = _sample_negative_indices((args.batch_size, frames), hf.config.num_negatives, mask)
-        mask = torch.from_numpy(mask).to(device)
-        negatives = torch.from_numpy(negatives.astype(np.int64)).to(device)
+    reference = None
+    if args.compare_reference:
+        if not (args.context_only and model.config.context.type == "zipformer"):
+            sys.exit("--compare-reference needs --context-only and a Zipformer config")
+        reference = reference_zipformer(model.context).to(device).train()
+        time_major = features.transpose(0, 1).contiguous()
+        feature_lengths = torch.full((args.batch_size,), frames, device=device)
 
         def theirs() -> None:
             with autocast:
-                out = hf(waves, mask_time_indices=mask, sampled_negative_indices=negatives)
-            out.loss.backward()
+                out, _ = reference(time_major, feature_lengths)
+            out.float().mean().backward()
+    elif hf is not None:
+        hf = hf.to(device).train()
+        reference = hf
+        if args.context_only:
+            encoder = hf.wav2vec2.encoder
+            reference = encoder
 
-        results["huggingface"] = measure(theirs, hf.parameters(), args.warmup, args.steps, audio_seconds)
-        results["speedup"] = round(results["huggingface"]["ms_per_step"] / results["ours"]["ms_per_step"], 2)
+            def theirs() -> None:
+                with autocast:
+                    out = encoder(features)
+                out.last_hidden_state.float().mean().backward()
+        else:
+            import numpy as np
+            from transformers.models.wav2vec2.modeling_wav2vec2 import (
+                _compute_mask_indices,
+                _sample_negative_indices,
+            )
+
+            mask = _compute_mask_indices((args.batch_size, frames), hf.config.mask_time_prob,
+                                         hf.config.mask_time_length, min_masks=2)
+            negatives = _sample_negative_indices((args.batch_size, frames), hf.config.num_negatives, mask)
+            mask = torch.from_numpy(mask).to(device)
+            negatives = torch.from_numpy(negatives.astype(np.int64)).to(device)
+
+            def theirs() -> None:
+                with autocast:
+                    out = hf(waves, mask_time_indices=mask, sampled_negative_indices=negatives)
+                out.loss.backward()
+    if reference is not None:
+        params = list(reference.parameters())
+        name = "reference" if args.compare_reference else "huggingface"
+        results[name] = measure(theirs, params, count_flops(theirs, params), args.warmup, args.steps, audio_seconds)
+        results["speedup"] = round(results[name]["ms_per_step"] / results["ours"]["ms_per_step"], 2)
     versions = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "python": platform.python_version(),
                 **({"transformers": __import__("transformers").__version__} if hf is not None else {})}
     batch = f"{args.batch_size} x {args.seconds}s"
     print(json.dumps({"config": args.config, "overrides": args.overrides, "batch": batch, "dtype": args.dtype,
+                      "context_only": args.context_only, "compiled": compiled,
                       **results, **versions}))
+
 
 if __name__ == "__main__":
     main()

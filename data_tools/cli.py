@@ -64,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--speakers", type=int, default=40)
     p.add_argument("--dev-speakers", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--utterance-seconds", type=float, nargs=2, default=[1.0, 5.0], metavar=("MIN", "MAX"),
+                   help="utterance durations are drawn uniformly in [MIN, MAX] seconds (default 1 5)")
     _shard_options(p)
 
     args = parser.parse_args(argv)
@@ -98,7 +100,11 @@ def _run(args: argparse.Namespace) -> int:
 
         if not 0 <= args.dev_speakers < args.speakers:
             raise ValueError("--dev-speakers must be in [0, --speakers)")
-        entries = corpus_entries(args.hours, num_speakers=args.speakers, seed=args.seed)
+        low, high = args.utterance_seconds
+        if not 0 < low <= high:
+            raise ValueError(f"--utterance-seconds needs 0 < MIN <= MAX, got {low:g} {high:g}")
+        entries = corpus_entries(args.hours, num_speakers=args.speakers, seed=args.seed,
+                                 min_seconds=low, max_seconds=high)
         dev_names = {f"spk{i:03d}" for i in range(args.speakers - args.dev_speakers, args.speakers)}
         for name, part in (("train", [e for e in entries if e.speaker not in dev_names]),
                            ("dev", [e for e in entries if e.speaker in dev_names])):

@@ -11,7 +11,13 @@ import torch
 from pretrain.overfit import OverfitConfig, run
 from speechssl import ConfigError, Wav2Vec2Model, load_model, load_model_config
 from speechssl.config import build
-from speechssl.models.context.conformer import ConformerConfig, ConformerContext, ConvolutionModule, relative_shift
+from speechssl.models.context.conformer import (
+    ConformerConfig,
+    ConformerContext,
+    ConvolutionModule,
+    relative_reach,
+    relative_shift,
+)
 from tests.conftest import REPO
 
 TINY = REPO / "configs/model/tiny_conformer.yaml"
@@ -82,13 +88,17 @@ def test_change_attention_is_saved_with_the_model(tmp_path) -> None:
         transformer.change_attention([8, 4])
 
 
-def test_relative_shift_indexes_relative_positions() -> None:
-    length = 5
-    positions = torch.arange(length - 1, -length, -1).float()  # column k holds position T-1-k
-    scores = positions.expand(1, 1, length, -1)
-    shifted = relative_shift(scores)[0, 0]
+@pytest.mark.parametrize("length", [1, 5, 9, 16])
+def test_relative_shift_indexes_relative_positions(length: int) -> None:
+    reach = relative_reach(length)
+    assert reach >= length - 1 and reach % 8 == 0
+    positions = torch.arange(reach, -reach - 1, -1).float()  # column k holds position R-k
+    rows = length + (-length % 8)
+    scores = positions.expand(2, 3, rows, -1)
+    shifted = relative_shift(scores, length)
     expected = torch.arange(length)[:, None] - torch.arange(length)[None, :]  # i - j
-    assert torch.equal(shifted, expected.float())
+    assert torch.equal(shifted, expected.float().expand(2, 3, -1, -1))
+    assert all(stride % 8 == 0 for stride in shifted.stride()[:-1]) and shifted.storage_offset() % 8 == 0
 
 
 @pytest.mark.parametrize("mask_padding", [True, False])

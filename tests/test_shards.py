@@ -268,6 +268,21 @@ def test_synth_cli_writes_train_and_held_out_dev(tmp_path: Path) -> None:
     assert all(t and set(t) <= set(train["charset"]) | set(dev["charset"]) for t in texts)
 
 
+def test_synth_cli_utterance_durations(tmp_path: Path) -> None:
+    def synth(*extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "data_tools", "synth", "--output", str(tmp_path / "syn"),
+                               "--hours", "0.02", "--speakers", "3", "--dev-speakers", "0", "--quiet", *extra],
+                              capture_output=True, text=True, cwd=REPO, check=False)
+
+    out = synth("--utterance-seconds", "16", "18")
+    assert out.returncode == 0, out.stderr
+    durations = [json.loads(s["json"])["duration"] for s in _read_shards(tmp_path / "syn" / "train").values()]
+    # Text is drawn for the target duration; speaking rates and phone lengths vary around it.
+    assert len(durations) >= 3 and min(durations) > 11 and max(durations) < 24
+    bad = synth("--utterance-seconds", "5", "2")
+    assert bad.returncode == 2 and "--utterance-seconds" in bad.stderr
+
+
 def test_make_shards_cli_reports_missing_input(tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, "-m", "data_tools", "make-shards", "--input", str(tmp_path / "nope"),
                           "--output", str(tmp_path / "o")], capture_output=True, text=True, cwd=REPO, check=False)

@@ -53,6 +53,10 @@ class TrainerConfig:
     max_updates; the LR schedule still follows max_updates (0: no limit).
     record_samples: every rank appends the keys of the utterances of each update to
     ``samples.rank{r}.jsonl`` (to audit data order and sharding).
+    compile: submodules of the model to run through ``torch.compile`` (default mode), by dotted
+    name; a ``ModuleList`` compiles each of its modules, so layer drop between them costs no graph
+    break. ``[context.layers]`` compiles the Transformer or Conformer blocks, ``feature_extractor``
+    the convolutional encoder. The first updates of each new batch shape pay the compilation.
     """
 
     output_dir: str = "runs/pretrain"
@@ -86,6 +90,7 @@ class TrainerConfig:
     stop_at: int = 0
     max_minutes: float = 0.0
     record_samples: bool = False
+    compile: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         check(self.max_updates >= 1, "trainer.max_updates", "must be >= 1")

@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from speechssl.data.loader import AudioBatch, AudioLoader
 from speechssl.training import checkpoint
+from speechssl.training.compilation import compile_submodules
 from speechssl.training.config import TrainerConfig, deepspeed_config, precision
 from speechssl.training.distributed import all_reduce_sum, barrier, init_distributed, pick_device
 from speechssl.training.scaled_adam import ScaledAdam
@@ -112,6 +113,8 @@ class Trainer:
             torch.set_num_threads(self.cfg.threads)
         torch.manual_seed(self.cfg.seed)
         model = self.task.build_model()
+        if self.cfg.compile:
+            log.info("torch.compile: %s", ", ".join(compile_submodules(model, self.cfg.compile)))
         stream = self.train_loader.stream
         # An upper bound, as icefall's estimate from its batch duration: batches are padded.
         hours_per_update = (stream.config.max_tokens * self.cfg.update_freq * self.world_size

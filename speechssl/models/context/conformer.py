@@ -119,26 +119,35 @@ def local_attention_mask(length: int, left: int, right: int, device: torch.devic
     return allowed
 
 
+def relative_reach(length: int) -> int:
+    """The largest relative position the sinusoid table holds for ``length`` frames: ``T - 1``
+    rounded up to a multiple of 8, so every stride of :func:`relative_shift`'s view is a multiple of
+    8 elements and attention kernels read it in place instead of copying it to an aligned buffer."""
+    return -(-(length - 1) // 8) * 8
+
+
 def relative_sinusoids(length: int, dim: int, device: torch.device) -> Tensor:
-    """``(2T - 1, D)`` fp32 sinusoids of relative positions ``T-1, ..., 1, 0, -1, ..., -(T-1)``
-    (sin at even, cos at odd channels), the layout of Transformer-XL / ESPnet / fairseq."""
-    position = torch.arange(length - 1, -length, -1, device=device, dtype=torch.float32).unsqueeze(1)
+    """``(2R + 1, D)`` fp32 sinusoids of relative positions ``R, ..., 1, 0, -1, ..., -R`` with
+    ``R = relative_reach(T)`` (sin at even, cos at odd channels), the layout of Transformer-XL /
+    ESPnet / fairseq, whose table is the middle ``2T - 1`` rows of this one."""
+    reach = relative_reach(length)
+    position = torch.arange(reach, -reach - 1, -1, device=device, dtype=torch.float32).unsqueeze(1)
     div_term = torch.exp(torch.arange(0, dim, 2, device=device, dtype=torch.float32) * -(math.log(10000.0) / dim))
-    pe = torch.zeros(2 * length - 1, dim, device=device)
+    pe = torch.zeros(2 * reach + 1, dim, device=device)
     pe[:, 0::2] = torch.sin(position * div_term)
     pe[:, 1::2] = torch.cos(position * div_term)
     return pe
 
 
-def relative_shift(scores: Tensor) -> Tensor:
-    """``(B, H, T, 2T - 1)`` scores against relative positions ``T-1 .. -(T-1)`` ->
-    ``(B, H, T, T)`` with ``out[..., i, j] = scores[..., i, T - 1 - i + j]`` (position ``i - j``),
-    as a strided view: no copy, no padding trick."""
-    batch, heads, length, width = scores.shape
+def relative_shift(scores: Tensor, length: int) -> Tensor:
+    """``(B, H, T', 2R + 1)`` scores of ``T' >= T`` queries against relative positions
+    ``R .. -R`` -> ``(B, H, T, T)`` with ``out[..., i, j] = scores[..., i, R - i + j]`` (position
+    ``i - j``), as a strided view: no copy, no padding trick."""
+    batch, heads, rows, width = scores.shape
+    reach = (width - 1) // 2
     scores = scores.contiguous()
-    return scores.as_strided((batch, heads, length, length),
-                             (heads * length * width, length * width, width - 1, 1),
-                             scores.storage_offset() + length - 1)
+    return scores.as_strided((batch, heads, length, length), (heads * rows * width, rows * width, width - 1, 1),
+                             scores.storage_offset() + reach)
 
 
 def rotary_tables(length: int, head_dim: int, base: float, device: torch.device) -> tuple[Tensor, Tensor]:
@@ -197,12 +206,15 @@ class ConformerAttention(nn.Module):
         attn_mask = allowed
         if self.position_embeddings == "relative":
             pos = self.linear_pos(position.to(x.dtype)).view(-1, self.num_heads, self.head_dim)
-            scores = torch.matmul(q + self.pos_bias_v[:, None, :], pos.permute(1, 2, 0))  # (B, H, T, 2T-1)
-            bias = relative_shift(scores) * self.head_dim ** -0.5
+            # Scaled before the product, not after: the shifted view then goes to the attention
+            # kernel as it is. Query rows are padded to a multiple of 8 for the view's alignment.
+            q_pos = (q + self.pos_bias_v[:, None, :].to(q.dtype)) * self.head_dim ** -0.5
+            q_pos = F.pad(q_pos, (0, 0, 0, -length % 8))
+            bias = relative_shift(torch.matmul(q_pos, pos.permute(1, 2, 0)), length)  # (B, H, T, T)
             if allowed is not None:
                 bias = bias.masked_fill(~allowed, float("-inf"))
             attn_mask = bias
-            q = q + self.pos_bias_u[:, None, :]
+            q = q + self.pos_bias_u[:, None, :].to(q.dtype)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
                                            dropout_p=self.dropout if self.training else 0.0)
         return self.linear_out(y.transpose(1, 2).reshape(batch, length, dim))
