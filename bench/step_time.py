@@ -17,6 +17,7 @@ import argparse
 import json
 import platform
 import sys
+import time
 from collections.abc import Callable
 
 import numpy as np
@@ -46,16 +47,21 @@ def step_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=6)
     parser.add_argument("--seconds", type=float, default=15.6)
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=5, help="warm-up steps, at least")
+    parser.add_argument("--warmup-seconds", type=float, default=3.0,
+                        help="warm-up lasts at least this long: a GPU fresh from idle runs at lower clocks")
     parser.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
 
 
-def time_steps(step: Callable[[], None], warmup: int, steps: int) -> float:
-    """Milliseconds per call of ``step`` (CUDA events, mean of ``steps`` after ``warmup``); peak
-    memory is counted from the first timed call."""
-    for _ in range(warmup):
+def time_steps(step: Callable[[], None], warmup: int, steps: int, warmup_seconds: float = 3.0) -> float:
+    """Milliseconds per call of ``step`` (CUDA events, mean of ``steps`` after at least ``warmup``
+    calls and ``warmup_seconds``); peak memory is counted from the first timed call."""
+    started, done = time.perf_counter(), 0
+    while done < warmup or time.perf_counter() - started < warmup_seconds:
         step()
-    torch.cuda.synchronize()
+        done += 1
+        if done >= warmup:
+            torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
@@ -101,7 +107,7 @@ def main() -> None:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    ms = time_steps(step, args.warmup, args.steps)
+    ms = time_steps(step, args.warmup, args.steps, args.warmup_seconds)
 
     torch.cuda.set_sync_debug_mode("error")  # any host-device synchronisation now raises
     try:

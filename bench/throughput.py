@@ -7,8 +7,9 @@
 
 A full training step: forward with all losses, backward, fused AdamW step, in bf16 autocast
 (``--dtype``), on ``--batch-size`` generated utterances of ``--seconds`` (unpadded). Reports
-milliseconds per step (CUDA events, mean of ``--steps`` after ``--warmup``), audio-seconds per
-second, model TFLOP/s (the forward and backward of one step counted with
+milliseconds per step (CUDA events, mean of ``--steps`` after ``--warmup`` steps and at least
+``--warmup-seconds``), audio-seconds per second, model TFLOP/s (the forward and backward of one
+step counted with
 ``torch.utils.flop_counter.FlopCounterMode`` in eager mode and with the positional convolution
 counted as a direct convolution, divided by the step time) and peak memory.
 
@@ -72,7 +73,7 @@ def count_flops(step: Callable[[], None], params: list[nn.Parameter]) -> float:
     return counter.get_total_flops()
 
 
-def measure(step: Callable[[], None], params: list[nn.Parameter], flops: float, warmup: int, steps: int,
+def measure(step: Callable[[], None], params: list[nn.Parameter], flops: float, args: argparse.Namespace,
             audio_seconds: float) -> dict:
     """Time ``step`` (forward and backward) plus a fused AdamW update of ``params``."""
     optimizer = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.01, fused=True)
@@ -82,7 +83,7 @@ def measure(step: Callable[[], None], params: list[nn.Parameter], flops: float, 
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    ms = time_steps(full, warmup, steps)
+    ms = time_steps(full, args.warmup, args.steps, args.warmup_seconds)
     peak = torch.cuda.max_memory_allocated() / 2**30
     return {"ms_per_step": round(ms, 1), "audio_seconds_per_second": round(audio_seconds / (ms / 1000), 1),
             "tflops_per_second": round(flops / (ms / 1000) / 1e12, 1), "tflop_per_step": round(flops / 1e12, 2),
@@ -154,7 +155,7 @@ def main() -> None:
     with direct_convolutions(model):
         flops = count_flops(ours, params)
     compiled = compile_submodules(model, args.compile)
-    results = {"ours": measure(ours, params, flops, args.warmup, args.steps, audio_seconds)}
+    results = {"ours": measure(ours, params, flops, args, audio_seconds)}
     model.cpu()  # its GPU memory back before the reference runs
     torch.cuda.empty_cache()
 
@@ -201,7 +202,7 @@ def main() -> None:
     if reference is not None:
         params = list(reference.parameters())
         name = "reference" if args.compare_reference else "huggingface"
-        results[name] = measure(theirs, params, count_flops(theirs, params), args.warmup, args.steps, audio_seconds)
+        results[name] = measure(theirs, params, count_flops(theirs, params), args, audio_seconds)
         results["speedup"] = round(results[name]["ms_per_step"] / results["ours"]["ms_per_step"], 2)
     versions = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "python": platform.python_version(),
                 **({"transformers": __import__("transformers").__version__} if hf is not None else {})}

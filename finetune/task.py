@@ -18,6 +18,7 @@ from speechssl.config import load_model_config, to_dict
 from speechssl.data.loader import AudioBatch
 from speechssl.models.ctc import CTCModel
 from speechssl.models.encoder import SpeechEncoder
+from speechssl.training.distributed import to_device
 from speechssl.training.freezing import is_frozen
 from speechssl.training.trainer import StepOutput
 
@@ -83,13 +84,13 @@ class FinetuneTask:
         # CTC needs a frame per token plus one between repeated tokens.
         needed = torch.tensor([len(i) + sum(a == b for a, b in pairwise(i)) for i in ids])
         return {
-            "waveforms": batch.waveforms.to(device=device, dtype=dtype, non_blocking=True),
+            "waveforms": to_device(batch.waveforms, device, dtype),
             "lengths": batch.lengths,
-            "targets": torch.tensor([t for i in ids for t in i], dtype=torch.long).to(device, non_blocking=True),
-            "target_lengths": target_lengths.to(device, non_blocking=True),
-            "needed_frames": needed.to(device, non_blocking=True),
+            "targets": to_device(torch.tensor([t for i in ids for t in i], dtype=torch.long), device),
+            "target_lengths": to_device(target_lengths, device),
+            "needed_frames": to_device(needed, device),
             "references": [self.tokenizer.decode(i) for i in ids],
-            "sample_size": torch.tensor(float(len(texts)), device=device),
+            "sample_size": torch.full((), float(len(texts)), device=device),
             "audio_seconds": float(batch.lengths.sum()) / self.sample_rate,
         }
 

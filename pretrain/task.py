@@ -11,6 +11,7 @@ from torch import nn
 from speechssl.config import ModelConfig
 from speechssl.data.loader import AudioBatch
 from speechssl.models.wav2vec2 import Wav2Vec2Model
+from speechssl.training.distributed import to_device
 from speechssl.training.health import HealthMonitor
 from speechssl.training.trainer import StepOutput
 
@@ -34,8 +35,8 @@ class PretrainTask:
                 dtype: torch.dtype) -> dict[str, Any]:
         lengths = batch.lengths
         frames = model.feature_extractor.output_lengths(lengths)
-        waveforms = batch.waveforms.to(device=device, dtype=dtype, non_blocking=True)
-        mask = model.compute_mask(frames.to(device), (len(lengths), int(frames.max())), device)
+        waveforms = to_device(batch.waveforms, device, dtype)
+        mask = model.compute_mask(to_device(frames, device), (len(lengths), int(frames.max())), device)
         return {"waveforms": waveforms, "lengths": lengths, "mask": mask, "sample_size": mask.sum(),
                 "audio_seconds": float(lengths.sum()) / self.sample_rate}
 

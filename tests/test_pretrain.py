@@ -229,6 +229,58 @@ def test_stage0_clipping_matches_deepspeeds(shards: Path, tmp_path: Path) -> Non
     assert result["max_difference"] < 1e-9
 
 
+SKIPPING = """
+import json, sys, torch
+FUSED = sys.argv[1] == "fused"
+Plain = torch.optim.AdamW
+class AdamW(Plain):  # the trainer's fused choice (a GPU's) on the CPU, or not
+    def __init__(self, *args, fused=None, **kwargs):
+        super().__init__(*args, fused=FUSED, **kwargs)
+torch.optim.AdamW = AdamW
+from pretrain.__main__ import load_config
+from pretrain.task import PretrainTask
+from speechssl.training.job import make_loaders
+from speechssl.training.trainer import Trainer
+
+config = load_config(sys.argv[2], sys.argv[3:])
+loader, _ = make_loaders(config.data, [], 0, 1)
+trainer = Trainer(PretrainTask(config.model, 10), config.trainer, loader)
+trainer._build_engine()
+batches = iter(loader)
+params = list(trainer.engine.module.parameters())
+snapshots = []
+for update in range(3):
+    if update == 1:  # a non-finite gradient in this update only
+        handle = params[-1].register_hook(lambda g: g * float("nan"))
+    trainer._train_update([next(batches)], {})
+    if update == 1:
+        handle.remove()
+        pending = trainer._skipped_pending is not None
+    snapshots.append([p.detach().clone() for p in params])
+steps = {int(s["step"]) for s in trainer._adamw.state.values()}
+print(json.dumps({"on_device": trainer._skip_on_device, "decided_on_device": pending,
+                  "skipped": trainer._skipped_updates(), "steps": sorted(steps),
+                  "second_equals_first": all(torch.equal(a, b) for a, b in zip(snapshots[0], snapshots[1])),
+                  "third_moved": any(not torch.equal(a, b) for a, b in zip(snapshots[1], snapshots[2])),
+                  "finite": all(bool(torch.isfinite(p).all()) for p in params)}))
+"""
+
+
+@pytest.mark.parametrize("optimizer", ["fused", "plain"])
+def test_a_non_finite_update_is_skipped_and_counted(shards: Path, tmp_path: Path, optimizer: str) -> None:
+    """At stage 0 a NaN gradient skips the whole update and is counted. Fused AdamW (the GPU's)
+    decides on the device, with no host synchronisation; otherwise the trainer reads the norm."""
+    ds = tmp_path / "zero0_clip.json"
+    ds.write_text(json.dumps({"gradient_clipping": 1.0, "zero_optimization": {"stage": 0}}))
+    done = _run([optimizer, CONFIG, *_args(shards, tmp_path / "run", deepspeed=ds)], script=SKIPPING)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    fused = optimizer == "fused"
+    assert result["on_device"] is fused and result["decided_on_device"] is fused
+    assert result["skipped"] == 1 and result["steps"] == [2]  # AdamW stepped for updates 1 and 3 only
+    assert result["second_equals_first"] and result["third_moved"] and result["finite"]
+
+
 def test_zipformer_job_with_scaled_adam_eden_and_autocast_resumes_exactly(shards: Path, tmp_path: Path) -> None:
     """The Zipformer's own recipe through the job: ScaledAdam, Eden, bf16 autocast over fp32
     weights (DeepSpeed's torch_autocast, ZeRO stage 0); the optimizer state survives a resume."""

@@ -101,6 +101,7 @@ class Trainer:
             self.ds_config = {**self.ds_config, "gradient_clipping": 0.0}
         self.update = 0
         self.skipped = 0
+        self._skipped_pending: Tensor | None = None  # skipped on the device, not yet added to `skipped`
         self.writer = None
         self._grad_norm: Tensor | None = None  # of the last update, where the trainer measures it
 
@@ -120,6 +121,12 @@ class Trainer:
         hours_per_update = (stream.config.max_tokens * self.cfg.update_freq * self.world_size
                             / stream.shardset.sample_rate / 3600)
         optimizer, scheduler = self._optimizer_and_schedule(model, hours_per_update)
+        self._params = list(model.parameters())  # those with a gradient take part in an update
+        # Fused AdamW skips an update on the device when told that its gradients are not finite:
+        # the trainer then need not wait for the backward to end to decide (see _finish_update).
+        self._skip_on_device = (isinstance(optimizer, torch.optim.AdamW) and bool(optimizer.defaults.get("fused"))
+                                and self.stage == 0 and self.precision in ("fp32", "bf16-autocast"))
+        self._adamw = optimizer
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config,
             dist_init_required=False)
@@ -219,27 +226,47 @@ class Trainer:
             for key, value in {"loss": out.loss, "sample_size": out.sample_size, **out.stats}.items():
                 sums[key] = sums.get(key, 0.0) + value.detach().float()
             sums["audio_seconds"] = sums.get("audio_seconds", 0.0) + p["audio_seconds"]
-        if self.stage == 0 and self.precision != "fp16" and not self._grads_finite():
-            engine.zero_grad()  # DeepSpeed's ZeRO and fp16 paths skip such updates themselves
-            self.skipped += 1
-        else:
-            if self.clip_norm > 0 and self._grad_norm is not None:  # DeepSpeed's factor: max / (norm + 1e-6), <= 1
-                torch.nn.utils.clip_grads_with_norm_(
-                    [p for p in engine.module.parameters() if p.grad is not None], self.clip_norm, self._grad_norm)
+        if self.stage == 0 and self.precision != "fp16":
+            self._finish_update()
+        else:  # DeepSpeed's ZeRO and fp16 paths skip non-finite updates themselves
             before = engine.skipped_steps
             engine.step()
             self.skipped += engine.skipped_steps - before
         self.update += 1
 
-    def _grads_finite(self) -> bool:
-        """Whether every gradient is finite, from their global norm (kept to be logged: DeepSpeed
-        reports none at stage 0). One fused norm and one host sync per update."""
-        grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
-        if not grads:
-            self._grad_norm = None
-            return True
-        self._grad_norm = torch.nn.utils.get_total_norm(grads)
-        return bool(torch.isfinite(self._grad_norm))
+    def _finish_update(self) -> None:
+        """Stage 0, fp32 weights or bf16: skip the update if a gradient is not finite, else clip
+        and step. One fused norm of all gradients decides both (kept to be logged: DeepSpeed reports
+        none at stage 0). With fused AdamW the decision stays on the device, so the host goes on to
+        the next batch while the GPU finishes (the LR schedule then also advances on a skipped
+        update); otherwise it reads the norm (a host sync)."""
+        engine = self.engine
+        grads = [p.grad for p in self._params if p.grad is not None]
+        self._grad_norm = torch.nn.utils.get_total_norm(grads) if grads else None
+        if self._grad_norm is not None and not self._skip_on_device and not bool(torch.isfinite(self._grad_norm)):
+            engine.zero_grad()
+            self.skipped += 1
+            return
+        if self.clip_norm > 0 and self._grad_norm is not None:  # DeepSpeed's factor: max / (norm + 1e-6), <= 1
+            torch.nn.utils.clip_grads_with_norm_([p for p in self._params if p.grad is not None],
+                                                 self.clip_norm, self._grad_norm)
+        if not (self._skip_on_device and self._grad_norm is not None):
+            engine.step()
+            return
+        found_inf = (~torch.isfinite(self._grad_norm)).float()
+        self._adamw.found_inf = found_inf  # read by fused AdamW's step, as torch.amp.GradScaler does
+        try:
+            engine.step()
+        finally:
+            del self._adamw.found_inf
+        self._skipped_pending = found_inf if self._skipped_pending is None else self._skipped_pending + found_inf
+
+    def _skipped_updates(self) -> int:
+        """Updates skipped so far, those decided on the device included (a host sync)."""
+        if self._skipped_pending is not None:
+            self.skipped += int(self._skipped_pending.item())
+            self._skipped_pending = None
+        return self.skipped
 
     def _out_of_time(self, started: float) -> bool:
         """Whether ``trainer.max_minutes`` has passed; rank 0's clock decides for every rank."""
@@ -303,7 +330,8 @@ class Trainer:
             record.write_text(json.dumps({"update": self.update, name: metrics[name]}) + "\n")
 
     def _save(self) -> Path:
-        state = {"loader": self.train_loader.state_dict(), "rng": checkpoint.rng_state(), "skipped": self.skipped}
+        state = {"loader": self.train_loader.state_dict(), "rng": checkpoint.rng_state(),
+                 "skipped": self._skipped_updates()}
         return checkpoint.save(self.engine, self.ckpt_root, self.update, self.rank, state, self.cfg.keep_checkpoints)
 
     def fit(self) -> dict[str, Any]:
@@ -341,7 +369,7 @@ class Trainer:
                 if grad_norm is None and self._grad_norm is not None:
                     grad_norm = float(self._grad_norm)
                 metrics.update(lr=max(self.engine.get_lr()),  # the largest: frozen groups have 0
-                               skipped_updates=float(self.skipped),
+                               skipped_updates=float(self._skipped_updates()),
                                audio_seconds_per_second=reduced.get("audio_seconds", 0.0) / max(elapsed, 1e-9),
                                **({"grad_norm": float(grad_norm)} if grad_norm is not None
                                   and math.isfinite(float(grad_norm)) else {}))
@@ -374,7 +402,7 @@ class Trainer:
         barrier()
         return {"output_dir": str(self.output), "checkpoint": str(ckpt or checkpoint.latest(self.ckpt_root)),
                 "model": str(model_path), "update": self.update, "train": last_train, "valid": last_valid,
-                "skipped_updates": self.skipped, "world_size": self.world_size}
+                "skipped_updates": self._skipped_updates(), "world_size": self.world_size}
 
 
 def setup_logging(rank: int) -> None:
