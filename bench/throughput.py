@@ -92,13 +92,9 @@ def measure(step: Callable[[], None], params: list[nn.Parameter], flops: float, 
 
 def reference_zipformer(context: nn.Module) -> nn.Module:
     """The reference package's encoder with our Zipformer's sizes, past every warm-up schedule."""
-    from tests.zipformer_reference import reference_module
+    from tests.zipformer_reference import reference_encoder
 
-    c = context.config
-    sizes = ("downsampling_factor", "encoder_dim", "num_encoder_layers", "encoder_unmasked_dim", "query_head_dim",
-             "pos_head_dim", "value_head_dim", "num_heads", "feedforward_dim", "cnn_module_kernel")
-    ref = reference_module().Zipformer(output_downsampling_factor=2, pos_dim=c.pos_dim,
-                                       **{k: tuple(getattr(c, k)) for k in sizes})
+    ref = reference_encoder(context.config)
     for m in ref.modules():
         if hasattr(m, "batch_count"):
             m.batch_count = 100_000.0

@@ -16,9 +16,9 @@ from finetune.decoding import error_counts, greedy_decode
 from finetune.tokenizer import Tokenizer
 from speechssl.config import load_model_config, to_dict
 from speechssl.data.loader import AudioBatch
+from speechssl.device import to_device
 from speechssl.models.ctc import CTCModel
 from speechssl.models.encoder import SpeechEncoder
-from speechssl.training.distributed import to_device
 from speechssl.training.freezing import is_frozen
 from speechssl.training.trainer import StepOutput
 

@@ -10,8 +10,8 @@ from torch import nn
 
 from speechssl.config import ModelConfig
 from speechssl.data.loader import AudioBatch
+from speechssl.device import to_device
 from speechssl.models.wav2vec2 import Wav2Vec2Model
-from speechssl.training.distributed import to_device
 from speechssl.training.health import HealthMonitor
 from speechssl.training.trainer import StepOutput
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from speechssl.models.context.zipformer import Zipformer, ZipformerConfig
-from tests.zipformer_reference import reference_module
+from tests.zipformer_reference import reference_encoder, reference_module
 
 SMALL = dict(downsampling_factor=[1, 2, 4, 2], encoder_dim=[32, 48, 64, 48], num_encoder_layers=[1, 1, 2, 1],
              encoder_unmasked_dim=[24, 32, 32, 32], num_heads=[4, 4, 4, 4], query_head_dim=[8], value_head_dim=[6],
@@ -205,8 +205,7 @@ def test_shipped_sizes_mirror_the_reference_encoder(size: str) -> None:
 
     context = load_model_config(REPO / f"configs/model/{size}_zipformer.yaml").context
     ours = Zipformer(context)
-    lists = {k: tuple(getattr(context, k)) for k in SMALL if k != "pos_dim"}
-    reference = reference_module().Zipformer(output_downsampling_factor=2, pos_dim=context.pos_dim, **lists)
+    reference = reference_encoder(context)
     names = {n for n, _ in ours.named_parameters()}
     ref_names = {n for n, _ in reference.named_parameters()
                  if not n.endswith(tuple(f"layers.{j}.bypass_scale" for j in range(8)))}

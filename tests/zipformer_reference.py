@@ -39,3 +39,14 @@ def reference_module():
 def reference_optim():
     """The reference optimizer and schedules: ``zipformer.modules.optim``."""
     return _import("optim")
+
+
+SIZES = ("downsampling_factor", "encoder_dim", "num_encoder_layers", "encoder_unmasked_dim", "query_head_dim",
+         "pos_head_dim", "value_head_dim", "num_heads", "feedforward_dim", "cnn_module_kernel")
+
+
+def reference_encoder(config, **kwargs):
+    """The reference encoder with the sizes of our ``ZipformerConfig`` (output downsampling 2, its
+    default); ``kwargs`` go to its constructor."""
+    return reference_module().Zipformer(output_downsampling_factor=2, pos_dim=config.pos_dim,
+                                        **{k: tuple(getattr(config, k)) for k in SIZES}, **kwargs)

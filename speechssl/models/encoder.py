@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from speechssl.config import ModelConfig
+from speechssl.device import to_device
 from speechssl.models.context import build_context
 from speechssl.models.feature_extractor import FeatureExtractor
 from speechssl.models.frontend import Frontend, GradMultiply
@@ -75,10 +76,7 @@ class SpeechEncoder(nn.Module):
         """Extractor output ``(B, T, C)``, padding mask ``(B, T)`` and frame lengths ``(B,)``."""
         self.validate_inputs(waveforms, lengths, check_values)
         if lengths is not None and lengths.device != waveforms.device:
-            # Copied before any kernel is queued, from pinned memory: no wait on the device.
-            if waveforms.is_cuda and lengths.device.type == "cpu":
-                lengths = lengths.pin_memory()
-            lengths = lengths.to(waveforms.device, non_blocking=True)
+            lengths = to_device(lengths, waveforms.device)  # queued before any kernel, no wait on the device
         mult = self.config.feature_grad_mult
         with torch.set_grad_enabled(torch.is_grad_enabled() and mult > 0):
             features = self.feature_extractor(waveforms, lengths if self.extract_per_utterance else None)

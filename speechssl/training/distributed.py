@@ -31,14 +31,6 @@ def pick_device(choice: str) -> torch.device:
     return torch.device("cpu")
 
 
-def to_device(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """A CPU tensor on ``device`` (and in ``dtype``) without making the host wait for the GPU: a
-    copy from pageable memory waits for the work already queued, a copy from pinned memory does not."""
-    if device.type == "cuda" and tensor.device.type == "cpu":
-        tensor = tensor.pin_memory()
-    return tensor.to(device=device, dtype=dtype, non_blocking=True)
-
-
 def init_distributed(device: torch.device) -> tuple[int, int]:
     """Join (or create) the process group; returns ``(rank, world_size)``."""
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:

@@ -241,16 +241,18 @@ class Trainer:
         the next batch while the GPU finishes (the LR schedule then also advances on a skipped
         update); otherwise it reads the norm (a host sync)."""
         engine = self.engine
-        grads = [p.grad for p in self._params if p.grad is not None]
-        self._grad_norm = torch.nn.utils.get_total_norm(grads) if grads else None
-        if self._grad_norm is not None and not self._skip_on_device and not bool(torch.isfinite(self._grad_norm)):
+        trained = [p for p in self._params if p.grad is not None]
+        self._grad_norm = torch.nn.utils.get_total_norm([p.grad for p in trained]) if trained else None
+        if self._grad_norm is None:
+            engine.step()
+            return
+        if not self._skip_on_device and not bool(torch.isfinite(self._grad_norm)):
             engine.zero_grad()
             self.skipped += 1
             return
-        if self.clip_norm > 0 and self._grad_norm is not None:  # DeepSpeed's factor: max / (norm + 1e-6), <= 1
-            torch.nn.utils.clip_grads_with_norm_([p for p in self._params if p.grad is not None],
-                                                 self.clip_norm, self._grad_norm)
-        if not (self._skip_on_device and self._grad_norm is not None):
+        if self.clip_norm > 0:  # DeepSpeed's factor: max / (norm + 1e-6), <= 1
+            torch.nn.utils.clip_grads_with_norm_(trained, self.clip_norm, self._grad_norm)
+        if not self._skip_on_device:
             engine.step()
             return
         found_inf = (~torch.isfinite(self._grad_norm)).float()
