@@ -25,7 +25,9 @@ parameters. The reference is then Hugging Face's encoder (``--compare-hf``) or, 
 the reference package's encoder (``--compare-reference``; PyPI ``zipformer`` 0.1.3, icefall's
 Zipformer2, the same sizes, time-major input as it expects, its schedules past warm-up).
 
-``--compile MODULE`` (repeatable) compiles parts of our model as ``trainer.compile`` does.
+``--compile MODULE`` (repeatable) compiles parts of our model as ``trainer.compile`` does
+(``--compile model``: the whole model), in ``--compile-mode`` (``reduce-overhead``: CUDA graphs, a
+new step marked before each).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import contextlib
 import json
 import platform
 import sys
+import time
 from collections.abc import Callable, Iterator
 
 import torch
@@ -74,20 +77,27 @@ def count_flops(step: Callable[[], None], params: list[nn.Parameter]) -> float:
 
 
 def measure(step: Callable[[], None], params: list[nn.Parameter], flops: float, args: argparse.Namespace,
-            audio_seconds: float) -> dict:
+            audio_seconds: float, cuda_graphs: bool = False) -> dict:
     """Time ``step`` (forward and backward) plus a fused AdamW update of ``params``."""
     optimizer = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.01, fused=True)
 
     def full() -> None:
+        if cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
         step()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
+    started = time.perf_counter()
+    full()  # the first step pays for compilation, if any
+    torch.cuda.synchronize()
+    first_step = time.perf_counter() - started
     ms = time_steps(full, args.warmup, args.steps, args.warmup_seconds)
     peak = torch.cuda.max_memory_allocated() / 2**30
     return {"ms_per_step": round(ms, 1), "audio_seconds_per_second": round(audio_seconds / (ms / 1000), 1),
             "tflops_per_second": round(flops / (ms / 1000) / 1e12, 1), "tflop_per_step": round(flops / 1e12, 2),
-            "peak_memory_gib": round(peak, 2)}
+            "peak_memory_gib": round(peak, 2),
+            "first_step_seconds": round(first_step, 1)}
 
 
 def reference_zipformer(context: nn.Module) -> nn.Module:
@@ -110,7 +120,8 @@ def main() -> None:
     parser.add_argument("--context-only", action="store_true", help="time the context network alone")
     parser.add_argument("--compile", action="append", default=[], metavar="MODULE",
                         help="a submodule of ours to torch.compile, as trainer.compile (e.g. context.layers); "
-                             "repeat for more")
+                             "repeat for more; 'model' is the whole model")
+    parser.add_argument("--compile-mode", default=None, help="torch.compile's mode (default: its default)")
     parser.add_argument("overrides", nargs="*", help="dotted model config overrides")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -150,8 +161,9 @@ def main() -> None:
     params = list(ours_module.parameters())
     with direct_convolutions(model):
         flops = count_flops(ours, params)
-    compiled = compile_submodules(model, args.compile)
-    results = {"ours": measure(ours, params, flops, args, audio_seconds)}
+    compiled = compile_submodules(model, args.compile, args.compile_mode)
+    cuda_graphs = bool(compiled) and args.compile_mode == "reduce-overhead"
+    results = {"ours": measure(ours, params, flops, args, audio_seconds, cuda_graphs)}
     model.cpu()  # its GPU memory back before the reference runs
     torch.cuda.empty_cache()
 
@@ -204,7 +216,7 @@ def main() -> None:
                 **({"transformers": __import__("transformers").__version__} if hf is not None else {})}
     batch = f"{args.batch_size} x {args.seconds}s"
     print(json.dumps({"config": args.config, "overrides": args.overrides, "batch": batch, "dtype": args.dtype,
-                      "context_only": args.context_only, "compiled": compiled,
+                      "context_only": args.context_only, "compiled": compiled, "compile_mode": args.compile_mode,
                       **results, **versions}))
 
 

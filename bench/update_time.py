@@ -80,6 +80,7 @@ def main() -> None:
         t0 = time.perf_counter()
         prepared = task.prepare(engine.module, batch, trainer.device, trainer.dtype)
         t1 = time.perf_counter()
+        trainer._new_graph_step()
         out = task.forward(engine, prepared)
         t2 = time.perf_counter()
         engine.backward(out.loss / prepared["sample_size"])

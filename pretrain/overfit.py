@@ -64,7 +64,7 @@ def log_line(step: int, out: PretrainOutput) -> dict[str, float]:
         "accuracy": out.accuracy.item(),
         "prob_ppl": out.prob_perplexity.item(),
         "code_ppl": out.code_perplexity.item(),
-        "temp": out.temperature,
+        "temp": out.temperature.item(),
         "masked": int(out.sample_size),
     }
 

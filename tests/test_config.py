@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+from pathlib import Path
 
 import pytest
 
@@ -59,6 +61,16 @@ def test_shipped_pretrain_configs_load(name: str) -> None:
     cfg = build(PretrainConfig, str(REPO / f"configs/pretrain/{name}.yaml"), [])
     assert cfg.trainer.max_updates > 0 and cfg.data.shards and cfg.valid_shards
     deepspeed_config(cfg.trainer, on_gpu=True)  # the optimizer and the DeepSpeed JSON agree
+
+
+def test_deepspeeds_synchronising_throughput_timer_is_off_unless_the_file_sets_it(tmp_path: Path) -> None:
+    cfg = build(PretrainConfig, str(REPO / "configs/pretrain/base_one_gpu.yaml"), [])
+    assert deepspeed_config(cfg.trainer, on_gpu=True)["timers"] == {"throughput": {"enabled": False}}
+    own = json.loads((REPO / cfg.trainer.deepspeed).read_text())
+    own["timers"] = {"throughput": {"enabled": True, "synchronized": False}}
+    (tmp_path / "ds.json").write_text(json.dumps(own))
+    cfg.trainer.deepspeed = str(tmp_path / "ds.json")
+    assert deepspeed_config(cfg.trainer, on_gpu=True)["timers"] == own["timers"]
 
 
 def test_dotted_overrides_and_file_sections() -> None:

@@ -180,8 +180,24 @@ def test_the_job_pretrains_other_context_networks(shards: Path, tmp_path: Path, 
     assert done.returncode == 0, done.stderr[-3000:]
     model = load_model(out / "model.pt")
     assert model.config.context.type == context
-    assert all(r["skipped_updates"] == 0 and r["loss"] > 0 for r in _metrics(out).values())
+    assert all(r["skipped_updates"] == 0 and r["loss"] > 0 and 0 <= r["loader_wait"] < 1
+               for r in _metrics(out).values())
     assert sorted(_metrics(out)) == [1, 2, 3]
+
+
+def test_the_job_trains_the_whole_model_compiled(shards: Path, tmp_path: Path) -> None:
+    out = tmp_path / "compiled"
+    args = _args(shards, out, max_updates=3, checkpoint_every=0, **{"compile": "[model]",
+                                                                   "compile_mode": "reduce-overhead"})
+    done = _run([*args, "model.context.layer_drop=0.2"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "torch.compile: model" in done.stderr
+    metrics = _metrics(out)
+    assert sorted(metrics) == [1, 2, 3]
+    assert all(r["skipped_updates"] == 0 and 0 < r["loss"] < 100 for r in metrics.values())
+    assert _metrics(out, "valid")[3]["loss"] > 0
+    model = load_model(out / "model.pt")  # the export has the plain parameter names
+    assert not any("_orig_mod" in k for k in model.state_dict())
 
 
 CLIPPING = """

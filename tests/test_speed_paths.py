@@ -1,5 +1,5 @@
 """The faster paths of the model compute what the plain ones do: the positional convolution through
-the FFT, and parts of the model compiled with ``trainer.compile``."""
+the FFT, and the model or parts of it compiled with ``trainer.compile``."""
 
 from __future__ import annotations
 
@@ -9,10 +9,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from speechssl import ModelConfig, Wav2Vec2Model
+from speechssl import ModelConfig, Wav2Vec2Model, load_model_config
 from speechssl.models.context.transformer import ConvPositionalEmbedding
 from speechssl.models.fft_conv import conv1d_fft
+from speechssl.objectives.negatives import sample_negatives
 from speechssl.training.compilation import compile_submodules
+from tests.conftest import REPO
 
 
 @pytest.mark.parametrize("channels,groups,kernel,length", [(768, 16, 128, 300), (64, 4, 8, 37), (32, 2, 129, 5)])
@@ -60,3 +62,70 @@ def test_compiled_layers_compute_what_eager_layers_do(tiny_config: ModelConfig) 
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match=r"no submodule 'context\.layer'.*feature_extractor"):
         compile_submodules(compiled, ["context.layer"])
+
+
+@pytest.mark.parametrize("context", ["transformer", "conformer"])
+def test_the_whole_model_traces_as_one_graph_that_updates_do_not_recompile(context: str) -> None:
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    config = load_model_config(REPO / f"configs/model/tiny_{context}.yaml", ["context.layer_drop=0.2"])
+    model = Wav2Vec2Model(config).train()
+    counter = CompileCounter()
+    compiled = torch.compile(model, backend=counter)
+    waves, lengths = torch.randn(2, 8000), torch.tensor([8000, 7000])
+    temperatures = []
+    for update in (0, 5_000, 50_000):
+        model.set_num_updates(update)
+        out = compiled(waves, lengths)
+        (out.loss / out.sample_size).backward()
+        temperatures.append(float(out.temperature))
+    # Two graphs: the checks of the inputs (values read on the host) run between them, eagerly.
+    assert counter.frame_count == 2
+    q = model.quantizer
+    assert temperatures == pytest.approx([max(q.temp_start * q.temp_decay**u, q.temp_end) for u in (0, 5_000, 50_000)])
+    with pytest.raises(ValueError, match="exceeds the 8000 samples"):
+        compiled(waves, torch.tensor([9000, 7000]))
+
+
+def test_compiled_layer_drop_keeps_the_input_of_a_dropped_layer() -> None:
+    """Inside a graph every layer runs and a dropped one's output is discarded: with layer_drop=1
+    the context network passes its input through, as eager layer drop does, and the layers'
+    parameters get zero gradients rather than none."""
+    torch._dynamo.reset()
+    config = load_model_config(REPO / "configs/model/tiny_transformer.yaml", ["context.dropout=0.0"])
+    context = Wav2Vec2Model(config).context.train()
+    context.layer_drop = 1.0  # beyond what the config accepts, to make the draw certain
+    x = torch.randn(2, 30, context.input_dim)
+    expected = context(x).output
+    assert all(p.grad is None for p in context.layers.parameters())
+    got = torch.compile(context, backend="aot_eager")(x).output
+    torch.testing.assert_close(got, expected)
+    got.sum().backward()
+    assert all(p.grad is not None and not p.grad.any() for p in context.layers.parameters())
+
+
+def test_the_compiled_model_computes_the_eager_loss_and_gradients(tiny_config: ModelConfig) -> None:
+    """Inductor's code for the whole model against eager, on a padded batch with the mask and the
+    negatives given (eval mode: no dropout, argmax codes, so both are deterministic)."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    eager = Wav2Vec2Model(tiny_config).eval()
+    compiled = copy.deepcopy(eager)
+    compile_submodules(compiled, ["model"])
+    waves, lengths = torch.randn(2, 8000), torch.tensor([8000, 6000])
+    frames = eager.feature_extractor.output_lengths(lengths)
+    mask = eager.compute_mask(frames, (2, int(frames.max())), torch.device("cpu"))
+    counts = mask.sum(1)
+    negatives = sample_negatives(counts, mask.shape[1], tiny_config.loss.num_negatives,
+                                 tiny_config.loss.cross_sample_negatives)
+    results = []
+    for model in (eager, compiled):
+        out = model(waves, lengths, mask=mask, negatives=negatives)
+        out.loss.backward()
+        results.append((out.loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    (loss, grads), (got_loss, got_grads) = results
+    torch.testing.assert_close(got_loss, loss, rtol=1e-4, atol=1e-3)
+    assert got_grads.keys() == grads.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(got_grads[name], grad, rtol=1e-3, atol=1e-4, msg=name)

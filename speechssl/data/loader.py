@@ -218,9 +218,9 @@ class AudioLoader:
     (or, without cropping, too long), the batches dropped to keep the ranks even, and the corrupt
     samples skipped.
 
-    In training, the workers of the next epoch start while the last batches of the current one
-    are consumed, so an epoch boundary does not stall the step on worker start-up and the first
-    tar reads (on a small corpus, an epoch lasts seconds).
+    In training, the workers of the next epoch start while the last ``8 x num_workers`` batches of
+    the current one are consumed, so an epoch boundary does not stall the step on worker start-up
+    and the first tar reads and decoding (on a small corpus, an epoch lasts seconds).
     """
 
     def __init__(self, stream: ShardStream):
@@ -251,8 +251,11 @@ class AudioLoader:
         # Its own generator: starting the workers must not draw from the global RNG, or a resumed
         # run (which starts them at another point) would mask and drop out differently.
         generator = torch.Generator().manual_seed(stream.config.seed * 1000 + epoch)
+        # Pinned batches (in the DataLoader's own thread) reach the GPU without the training loop
+        # copying them into pinned memory first.
         return iter(DataLoader(stream, batch_size=None, num_workers=workers, generator=generator,
-                               prefetch_factor=2 if workers else None, persistent_workers=False))
+                               prefetch_factor=2 if workers else None, persistent_workers=False,
+                               pin_memory=torch.cuda.is_available()))
 
     def _check_crop(self, plan: EpochPlan) -> None:
         """Warn once when cropping every batch to its shortest utterance discards much audio: the
@@ -286,7 +289,7 @@ class AudioLoader:
             self.consumed += 1
             self.stats["batches"] += 1
             self.stats["corrupt"] += len(batch.metadata["skipped"])
-            if self.stream.train and workers and total - self.consumed == min(2 * workers, total - 1):
+            if self.stream.train and workers and total - self.consumed == min(8 * workers, total - 1):
                 self._next = ((self.epoch + 1, 0), self._start(self.epoch + 1, 0))
             yield batch
         self.epoch, self.consumed = self.epoch + 1, 0

@@ -71,12 +71,20 @@ class SpeechEncoder(nn.Module):
             if len(bad):
                 raise ValueError(f"waveform {int(bad[0])} contains NaN or Inf samples")
 
+    @torch.compiler.disable
+    def _checked_lengths(self, waveforms: Tensor, lengths: Tensor | None, check_values: bool | None) -> Tensor | None:
+        """:meth:`validate_inputs`, then ``lengths`` on the waveforms' device (queued before any
+        kernel, no wait on the device). Outside ``torch.compile``: its checks read values on the
+        host and the pinned copy is not traceable."""
+        self.validate_inputs(waveforms, lengths, check_values)
+        if lengths is not None and lengths.device != waveforms.device:
+            lengths = to_device(lengths, waveforms.device)
+        return lengths
+
     def _features(self, waveforms: Tensor, lengths: Tensor | None,
                   check_values: bool | None) -> tuple[Tensor, Tensor | None, Tensor | None]:
         """Extractor output ``(B, T, C)``, padding mask ``(B, T)`` and frame lengths ``(B,)``."""
-        self.validate_inputs(waveforms, lengths, check_values)
-        if lengths is not None and lengths.device != waveforms.device:
-            lengths = to_device(lengths, waveforms.device)  # queued before any kernel, no wait on the device
+        lengths = self._checked_lengths(waveforms, lengths, check_values)
         mult = self.config.feature_grad_mult
         with torch.set_grad_enabled(torch.is_grad_enabled() and mult > 0):
             features = self.feature_extractor(waveforms, lengths if self.extract_per_utterance else None)

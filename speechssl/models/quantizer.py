@@ -14,13 +14,14 @@ from speechssl.config import QuantizerConfig
 @dataclass
 class QuantizerOutput:
     """quantized: ``(B, T, codevector_dim)`` fp32; codes: ``(B, T, G)`` chosen entries;
-    prob_perplexity / code_perplexity: scalars summed over groups (max G*V); temperature: float."""
+    prob_perplexity / code_perplexity: scalars summed over groups (max G*V); temperature: the Gumbel
+    temperature used, a 0-dim fp32 tensor."""
 
     quantized: Tensor
     codes: Tensor
     prob_perplexity: Tensor
     code_perplexity: Tensor
-    temperature: float
+    temperature: Tensor
 
 
 def _perplexity(probs: Tensor, weights: Tensor) -> Tensor:
@@ -41,6 +42,9 @@ class GumbelVectorQuantizer(nn.Module):
         self.num_groups = config.num_groups
         self.num_vars = config.num_vars
         self.temp_start, self.temp_end, self.temp_decay = config.temp_start, config.temp_end, config.temp_decay
+        # forward reads the update count from a buffer: torch.compile would specialise its graph on
+        # the int attribute and recompile at every update. Integer, so half-precision casts keep it.
+        self.register_buffer("update_count", torch.zeros((), dtype=torch.long), persistent=False)
         self.num_updates = 0
         groups_vars = config.num_groups * config.num_vars
         self.codevectors = nn.Parameter(
@@ -66,10 +70,17 @@ class GumbelVectorQuantizer(nn.Module):
     def set_num_updates(self, num_updates: int) -> None:
         """Called by the trainer: the temperature follows the update count."""
         self.num_updates = num_updates
+        self.update_count.fill_(num_updates)
 
     @property
     def temperature(self) -> float:
         return max(self.temp_start * self.temp_decay**self.num_updates, self.temp_end)
+
+    def _temperature(self) -> Tensor:
+        """:attr:`temperature` from the ``update_count`` buffer, computed on its device in float64:
+        a 0-dim fp32 tensor."""
+        decayed = self.temp_start * torch.pow(self.temp_decay, self.update_count.double())
+        return decayed.clamp_min(self.temp_end).float()
 
     def forward(self, x: Tensor, weights: Tensor | None = None) -> QuantizerOutput:
         """x: ``(B, T, C)``; weights: ``(B, T)`` (bool or float) selecting the frames that count in
@@ -82,7 +93,7 @@ class GumbelVectorQuantizer(nn.Module):
             hard = F.one_hot(logits.argmax(-1), self.num_vars).float()
             prob_perplexity = _perplexity(logits.softmax(-1), w)
             code_perplexity = _perplexity(hard, w)
-            temperature = self.temperature
+            temperature = self._temperature()
             if self.training:
                 hard = F.gumbel_softmax(logits, tau=temperature, hard=True)
             quantized = torch.einsum("ngv,gvd->ngd", hard, self.codevectors.float())

@@ -39,7 +39,7 @@ class PretrainOutput:
     correct: Tensor
     prob_perplexity: Tensor
     code_perplexity: Tensor
-    temperature: float
+    temperature: Tensor
     logits: Tensor
     mask: Tensor
 

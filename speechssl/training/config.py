@@ -53,10 +53,15 @@ class TrainerConfig:
     max_updates; the LR schedule still follows max_updates (0: no limit).
     record_samples: every rank appends the keys of the utterances of each update to
     ``samples.rank{r}.jsonl`` (to audit data order and sharding).
-    compile: submodules of the model to run through ``torch.compile`` (default mode), by dotted
-    name; a ``ModuleList`` compiles each of its modules, so layer drop between them costs no graph
-    break. ``[context.layers]`` compiles the Transformer or Conformer blocks, ``feature_extractor``
-    the convolutional encoder. The first updates of each new batch shape pay the compilation.
+    compile: parts of the model to run through ``torch.compile``, by dotted name: ``[model]`` the
+    whole model as one graph (layer drop then runs every layer and discards the dropped ones'
+    outputs: see ``ContextNetwork._layer_or_skip``), ``[context.layers]`` each Transformer or
+    Conformer block (a ``ModuleList`` compiles each of its modules), ``feature_extractor`` the
+    convolutional encoder. The first updates of each new batch shape pay the compilation.
+    compile_mode: ``torch.compile``'s mode: null (its default), ``reduce-overhead`` (replays CUDA
+    graphs: the host no longer launches each kernel; one graph is recorded per batch shape, so it
+    pays where batch shapes repeat, such as crops of a fixed length), ``max-autotune`` or
+    ``max-autotune-no-cudagraphs``.
     """
 
     output_dir: str = "runs/pretrain"
@@ -91,6 +96,7 @@ class TrainerConfig:
     max_minutes: float = 0.0
     record_samples: bool = False
     compile: list[str] = field(default_factory=list)
+    compile_mode: str | None = None
 
     def __post_init__(self) -> None:
         check(self.max_updates >= 1, "trainer.max_updates", "must be >= 1")
@@ -99,6 +105,9 @@ class TrainerConfig:
         check(self.warmup_updates >= 0, "trainer.warmup_updates", "must be >= 0")
         check(self.optimizer in ("adamw", "scaled_adam"), "trainer.optimizer",
               f"must be adamw or scaled_adam, got {self.optimizer!r}")
+        modes = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+        check(self.compile_mode in (None, *modes), "trainer.compile_mode",
+              f"must be null or one of {', '.join(modes)}, got {self.compile_mode!r}")
         check(self.lr_schedule in ("polynomial", "constant", "tri_stage", "eden"), "trainer.lr_schedule",
               f"must be polynomial, constant, tri_stage or eden, got {self.lr_schedule!r}")
         check(self.eden_lr_batches > 0 and self.eden_lr_hours > 0, "trainer.eden_lr_batches",
@@ -128,7 +137,8 @@ def deepspeed_config(trainer: TrainerConfig, on_gpu: bool) -> dict:
 
     The job owns the optimizer and scheduler (client objects, so both are checkpointed), the
     accumulation (``gradient_accumulation_steps`` = ``trainer.update_freq``) and the batch size
-    (batches are variable: DeepSpeed counts one "sample" per micro-batch).
+    (batches are variable: DeepSpeed counts one "sample" per micro-batch). Unless the file sets
+    ``timers``, DeepSpeed's throughput timer is off (the trainer logs throughput itself).
     """
     path = _find(trainer.deepspeed)
     try:
@@ -165,6 +175,9 @@ def deepspeed_config(trainer: TrainerConfig, on_gpu: bool) -> dict:
     ds["train_micro_batch_size_per_gpu"] = 1
     ds.setdefault("steps_per_print", 10**9)  # the trainer logs
     ds.setdefault("wall_clock_breakdown", False)
+    # DeepSpeed's throughput timer synchronises the device at every forward and step by default:
+    # the host could not queue the next update while the GPU runs this one.
+    ds.setdefault("timers", {"throughput": {"enabled": False}})
     return ds
 
 

@@ -115,7 +115,8 @@ class Trainer:
         torch.manual_seed(self.cfg.seed)
         model = self.task.build_model()
         if self.cfg.compile:
-            log.info("torch.compile: %s", ", ".join(compile_submodules(model, self.cfg.compile)))
+            compiled = compile_submodules(model, self.cfg.compile, self.cfg.compile_mode)
+            log.info("torch.compile: %s", ", ".join(compiled))
         stream = self.train_loader.stream
         # An upper bound, as icefall's estimate from its batch duration: batches are padded.
         hours_per_update = (stream.config.max_tokens * self.cfg.update_freq * self.world_size
@@ -221,6 +222,7 @@ class Trainer:
             if p is None:
                 engine.backward(_zero_loss(engine))
                 continue
+            self._new_graph_step()
             out = self.task.forward(engine, p)
             engine.backward(out.loss * scale)
             for key, value in {"loss": out.loss, "sample_size": out.sample_size, **out.stats}.items():
@@ -233,6 +235,13 @@ class Trainer:
             engine.step()
             self.skipped += engine.skipped_steps - before
         self.update += 1
+
+    def _new_graph_step(self) -> None:
+        """Before each forward under ``compile_mode: reduce-overhead``: the CUDA graphs may reuse
+        the memory of earlier outputs (the trainer reads a micro-batch's outputs only until its
+        backward has run, so nothing it still needs is overwritten)."""
+        if self.cfg.compile and self.cfg.compile_mode == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()
 
     def _finish_update(self) -> None:
         """Stage 0, fp32 weights or bf16: skip the update if a gradient is not finite, else clip
@@ -301,6 +310,7 @@ class Trainer:
                 if not len(batch.lengths):
                     continue
                 p = self.task.prepare(engine.module, batch, self.device, self.dtype)
+                self._new_graph_step()
                 out = self.task.forward(engine, p)
                 for key, value in {"loss": out.loss, "sample_size": out.sample_size, **out.stats}.items():
                     sums[key] = sums.get(key, 0.0) + value.float()
@@ -359,8 +369,12 @@ class Trainer:
         groups = self._micro_batches()
         end = min(cfg.max_updates, cfg.stop_at) if cfg.stop_at else cfg.max_updates
         started, out_of_time = time.perf_counter(), False
+        waited = 0.0  # seconds the loop was blocked on the loader since the last log line
         while self.update < end:
-            self._train_update(next(groups), sums)
+            asked = time.perf_counter()
+            group = next(groups)
+            waited += time.perf_counter() - asked
+            self._train_update(group, sums)
             out_of_time = self._out_of_time(started)
             done = self.update >= end or out_of_time
             if cfg.log_every and (self.update % cfg.log_every == 0 or done):
@@ -373,6 +387,7 @@ class Trainer:
                 metrics.update(lr=max(self.engine.get_lr()),  # the largest: frozen groups have 0
                                skipped_updates=float(self._skipped_updates()),
                                audio_seconds_per_second=reduced.get("audio_seconds", 0.0) / max(elapsed, 1e-9),
+                               loader_wait=waited / max(elapsed, 1e-9),
                                **({"grad_norm": float(grad_norm)} if grad_norm is not None
                                   and math.isfinite(float(grad_norm)) else {}))
                 if self.device.type == "cuda":
@@ -383,7 +398,7 @@ class Trainer:
                     bar.set_postfix({k: f"{metrics[k]:.3g}" for k in ("loss", "accuracy", "prob_perplexity", "lr",
                                                                         "audio_seconds_per_second") if k in metrics},
                                     refresh=False)
-                last_train, sums, tick = metrics, {}, time.perf_counter()
+                last_train, sums, tick, waited = metrics, {}, time.perf_counter(), 0.0
             if cfg.validate_every and (self.update % cfg.validate_every == 0 or done):
                 last_valid = self.validate()
                 if last_valid is not None:

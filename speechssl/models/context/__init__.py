@@ -50,10 +50,21 @@ class ContextNetwork(nn.Module):
         if num_layers is not None and not 0 < num_layers <= total:
             raise ValueError(f"num_layers must be in [1, {total}], got {num_layers}")
 
-    def _drops_layer(self, layer_drop: float) -> bool:
-        """Layer drop: whether to skip the next layer. The draw is on the CPU generator, so it
-        costs no device synchronisation."""
-        return self.training and layer_drop > 0 and torch.rand(()).item() < layer_drop
+    def _layer_or_skip(self, layer: nn.Module, layer_drop: float, x: Tensor, *args: Any) -> Tensor:
+        """``layer(x, *args)``, or ``x`` with probability ``layer_drop`` in training (layer drop).
+
+        Eager: the draw is on the CPU generator (no device synchronisation) and a dropped layer is
+        not run. Inside ``torch.compile`` a branch on a random value would split the graph, so the
+        draw is on the device and the layer always runs, its output discarded where dropped: the
+        same distribution, but the dropped layer's parameters get zero gradients instead of none
+        (as under ZeRO, which fills missing gradients with zeros).
+        """
+        if not (self.training and layer_drop > 0):
+            return layer(x, *args)
+        if torch.compiler.is_compiling():
+            keep = torch.rand((), device=x.device) >= layer_drop
+            return torch.where(keep, layer(x, *args), x)
+        return x if torch.rand(()).item() < layer_drop else layer(x, *args)
 
 
 def init_bert_params(module: nn.Module) -> None:

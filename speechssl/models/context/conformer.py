@@ -145,9 +145,10 @@ def relative_shift(scores: Tensor, length: int) -> Tensor:
     ``i - j``), as a strided view: no copy, no padding trick."""
     batch, heads, rows, width = scores.shape
     reach = (width - 1) // 2
-    scores = scores.contiguous()
-    return scores.as_strided((batch, heads, length, length), (heads * rows * width, rows * width, width - 1, 1),
-                             scores.storage_offset() + reach)
+    # A view that starts at element ``reach``: as_strided keeps its offset (no storage_offset() call,
+    # which torch.compile cannot trace).
+    shifted = scores.contiguous().view(-1)[reach:]
+    return shifted.as_strided((batch, heads, length, length), (heads * rows * width, rows * width, width - 1, 1))
 
 
 def rotary_tables(length: int, head_dim: int, base: float, device: torch.device) -> tuple[Tensor, Tensor]:
@@ -357,8 +358,7 @@ class ConformerContext(ContextNetwork):
         conv_padding_mask = padding_mask if self.config.mask_padding_in_conv else None
         first, hidden_states = x, []
         for layer in self.layers[:num_layers]:
-            if not self._drops_layer(self.config.layer_drop):
-                x = layer(x, allowed, position, conv_padding_mask)
+            x = self._layer_or_skip(layer, self.config.layer_drop, x, allowed, position, conv_padding_mask)
             hidden_states.append(x)
         if num_layers is None:
             x = self.layer_norm(x)

@@ -175,8 +175,7 @@ class TransformerContext(ContextNetwork):
         x = self.dropout(x)
         first, hidden_states = x, []
         for layer in self.layers[:num_layers]:
-            if not self._drops_layer(self.layer_drop):
-                x = layer(x, attn_mask)
+            x = self._layer_or_skip(layer, self.layer_drop, x, attn_mask)
             hidden_states.append(x)
         if num_layers is None and self.config.layer_norm_first:
             x = self.layer_norm(x)
