@@ -57,7 +57,9 @@ class TrainerConfig:
     whole model as one graph (layer drop then runs every layer and discards the dropped ones'
     outputs: see ``ContextNetwork._layer_or_skip``), ``[context.layers]`` each Transformer or
     Conformer block (a ``ModuleList`` compiles each of its modules), ``feature_extractor`` the
-    convolutional encoder. The first updates of each new batch shape pay the compilation.
+    convolutional encoder. A new batch shape compiles again, and torch.compile gives up (runs
+    eagerly) after 8 recompilations of a function: compile with crops of one length
+    (``data.min_sample_size`` = ``data.max_sample_size``).
     compile_mode: ``torch.compile``'s mode: null (its default), ``reduce-overhead`` (replays CUDA
     graphs: the host no longer launches each kernel; one graph is recorded per batch shape, so it
     pays where batch shapes repeat, such as crops of a fixed length), ``max-autotune`` or
