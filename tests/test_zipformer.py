@@ -4,7 +4,15 @@ import pytest
 import torch
 
 from speechssl.models.context.zipformer import Zipformer, ZipformerConfig
-from tests.zipformer_reference import reference_encoder, reference_module
+from speechssl.models.context.zipformer.scaling import (
+    Balancer,
+    ScheduledFloat,
+    UpdateClock,
+    Whiten,
+    _proportion_positive_to_mean,
+    limit_param_value,
+)
+from tests.zipformer_reference import reference_encoder, reference_module, reference_scaling
 
 SMALL = dict(downsampling_factor=[1, 2, 4, 2], encoder_dim=[32, 48, 64, 48], num_encoder_layers=[1, 1, 2, 1],
              encoder_unmasked_dim=[24, 32, 32, 32], num_heads=[4, 4, 4, 4], query_head_dim=[8], value_head_dim=[6],
@@ -226,3 +234,110 @@ def test_config_errors_name_the_key(override: dict, words: str) -> None:
 
     with pytest.raises(ConfigError, match=words):
         ZipformerConfig(**{**SMALL, **override})
+
+
+# ------------------------------------------------------------------ training aids and torch.compile
+
+
+def _channels_out_of_range(shape: tuple[int, ...], channel_dim: int) -> torch.Tensor:
+    """Channels with too positive a mean, too small and too large an RMS, and ones in range."""
+    torch.manual_seed(0)
+    x = torch.randn(shape)
+    scale = torch.tensor([1.0, 0.01, 30.0, 1.0, 1.0, 0.5]).repeat(shape[channel_dim] // 6)
+    offset = torch.tensor([3.0, 0.0, 0.0, -2.0, 0.0, 0.1]).repeat(shape[channel_dim] // 6)
+    view = [1] * len(shape)
+    view[channel_dim] = shape[channel_dim]
+    return x * scale.view(view) + offset.view(view)
+
+
+@pytest.mark.parametrize("shape,channel_dim", [((3, 40, 12), -1), ((2, 12, 50), 1)])
+def test_balancer_gradient_matches_the_reference(shape: tuple[int, ...], channel_dim: int) -> None:
+    ref_function = reference_scaling().BalancerFunction
+    x = _channels_out_of_range(shape, channel_dim)
+    grad = torch.randn(shape)
+    balancer = Balancer(channel_dim, 0.3, 0.7, min_abs=0.5, max_abs=5.0, grad_scale=0.04, prob=1.0).train()
+    ours = x.clone().requires_grad_(True)
+    balancer(ours).backward(grad)
+    theirs = x.clone().requires_grad_(True)
+    ref_function.apply(theirs, _proportion_positive_to_mean(0.3), _proportion_positive_to_mean(0.7),
+                       1.25331413732 * 0.5, 1.25331413732 * 5.0, 0.04, channel_dim).backward(grad)
+    assert not torch.equal(theirs.grad, grad)  # the limits are exceeded: the gradient changes
+    torch.testing.assert_close(ours.grad, theirs.grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("num_groups,limit", [(1, 1.0), (4, 1.0), (1, 1e6)])
+def test_whitening_gradient_and_probability_match_the_reference(num_groups: int, limit: float) -> None:
+    scaling = reference_scaling()
+    torch.manual_seed(0)
+    x = torch.randn(3, 20, 16) @ torch.randn(16, 16)  # correlated channels
+    grad = torch.randn(3, 20, 16)
+    ours_module = Whiten(num_groups, limit, (0.025, 0.25), 0.01).train()
+    ours_module.prob = 1.0  # this call runs for sure
+    ref_module = scaling.Whiten(num_groups, limit, (0.025, 0.25), 0.01)
+    ours, theirs = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    ours_module(ours).backward(grad)
+    scaling.WhiteningPenaltyFunction.apply(theirs, ref_module).backward(grad)
+    torch.testing.assert_close(ours.grad, theirs.grad, rtol=1e-5, atol=1e-6)
+    assert torch.equal(ours.grad, grad) == (limit > 1e3)  # unchanged only under the limit
+    assert ours_module.prob == ref_module.prob == (0.025 if limit > 1e3 else 0.25)
+
+
+def test_schedules_on_the_device_follow_the_update_clock() -> None:
+    clock = UpdateClock()
+    schedule = ScheduledFloat((0.0, 0.2), (4000.0, 0.05), (16000.0, 0.0))
+    schedule.follow(clock)
+    assert "_clock" not in dict(schedule.named_children())  # referenced, not a submodule
+    for update in (0, 1000, 4000, 10000, 16000, 50000):
+        clock.set_num_updates(update)
+        assert float(schedule.on_device()) == pytest.approx(schedule.value_at(update), abs=1e-7)
+    model = Zipformer(ZipformerConfig(**SMALL))
+    assert all(m._clock is model.update_clock for m in model.modules() if isinstance(m, ScheduledFloat))
+    assert "update_clock.count" not in model.state_dict()
+
+
+def test_the_zipformer_model_traces_as_one_graph_that_updates_do_not_recompile() -> None:
+    """Inside torch.compile the Zipformer's random choices, schedules and Whiten's comparison stay
+    on the device: the model traces as the two graphs of the other context networks, and later
+    updates (other schedule values) reuse them."""
+    from torch._dynamo.testing import CompileCounter
+
+    from speechssl.config import load_model_config
+    from speechssl.models.wav2vec2 import Wav2Vec2Model
+    from tests.conftest import REPO
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = Wav2Vec2Model(load_model_config(REPO / "configs/model/tiny_zipformer.yaml")).train()
+    counter = CompileCounter()
+    compiled = torch.compile(model, backend=counter)
+    waves, lengths = torch.randn(2, 8000), torch.tensor([8000, 7000])
+    whiten = model.context.encoders[0].layers[0].self_attn1.whiten
+    for update in (0, 5_000, 50_000):
+        model.set_num_updates(update)
+        out = compiled(waves, lengths)
+        (out.loss / out.sample_size).backward()
+        assert torch.isfinite(out.loss)
+        assert float(whiten.device_prob) in (0.025, 0.25)
+    assert counter.frame_count == 2
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.context.parameters())
+
+
+def test_compiled_training_aids_give_the_eager_gradients() -> None:
+    """With every draw certain, the device-side paths of Balancer, Whiten and the value limit give
+    the gradients of the eager ones."""
+    torch._dynamo.reset()
+    x = _channels_out_of_range((3, 40, 12), -1)
+    grad = torch.randn(3, 40, 12)
+    balancer = Balancer(-1, 0.3, 0.7, min_abs=0.5, max_abs=5.0, prob=1.0).train()
+    whiten = Whiten(1, 1.0, (1.0, 1.0), 0.01).train()
+
+    def aids(x: torch.Tensor) -> torch.Tensor:
+        return limit_param_value(whiten(balancer(x)), -0.5, 0.5, training=True, prob=1.0)
+
+    grads = []
+    for function in (aids, torch.compile(aids, backend="aot_eager", fullgraph=True)):
+        inp = x.clone().requires_grad_(True)
+        function(inp).backward(grad)
+        grads.append(inp.grad)
+    assert not torch.equal(grads[0], grad)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-6)

@@ -1,9 +1,8 @@
 """Loads the reference Zipformer (PyPI ``zipformer`` 0.1.3, icefall's Zipformer2) for parity tests.
 
 The package's ``__init__`` imports its training and decoding tools (and their dependencies); the
-encoder and optimizer modules need only torch and two helpers. So the package is registered
-without running its ``__init__``, with those helpers, and only ``zipformer.modules.zipformer`` and
-``zipformer.modules.optim`` are imported.
+encoder, scaling and optimizer modules need only torch and two helpers. So the package is
+registered without running its ``__init__``, with those helpers, and only those modules are imported.
 """
 
 from __future__ import annotations
@@ -34,6 +33,11 @@ def _import(name: str):
 def reference_module():
     """The reference encoder: ``zipformer.modules.zipformer``."""
     return _import("zipformer")
+
+
+def reference_scaling():
+    """The reference training aids (Balancer, Whiten): ``zipformer.modules.scaling``."""
+    return _import("scaling")
 
 
 def reference_optim():

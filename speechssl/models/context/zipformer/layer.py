@@ -22,12 +22,13 @@ from speechssl.models.context.zipformer.scaling import (
     FloatLike,
     ScheduledFloat,
     Whiten,
+    chance,
     limit_param_value,
     penalize_abs_values_gt,
+    read,
     scaled_linear,
     swoosh_l,
     swoosh_r,
-    uniform,
     whitening_schedule,
 )
 
@@ -79,16 +80,21 @@ class RelPositionAttentionWeights(nn.Module):
         q = q.view(batch, length, heads, dq).transpose(1, 2)
         k = k.view(batch, sources, heads, dq).permute(0, 2, 3, 1)
         scores = q @ k  # (B, H, T, S)
-        if not self.training or uniform() >= float(self.pos_emb_skip_rate):
+        skip_positions = self.training and chance(read(self.pos_emb_skip_rate), x.device)
+        if skip_positions is not True:
             pos = self.linear_pos(pos_emb).view(-1, heads, dp).permute(1, 2, 0)  # (H, Dp, L + 2T - 1)
             p = p.view(batch, length, heads, dp).transpose(1, 2)
             pos_scores = (p @ pos).contiguous()  # (B, H, T, L + 2T - 1), by relative offset
             s0, s1, s2, s3 = pos_scores.stride()
             # Query i, source j reads offset j - i - L: column (T - 1) - i + j.
-            scores = scores + pos_scores.as_strided((batch, heads, length, sources), (s0, s1, s2 - s3, s3),
-                                                    storage_offset=s3 * (length - 1))
-        if self.training and uniform() < 0.1:
-            scores = penalize_abs_values_gt(scores, limit=25.0, penalty=1e-4)
+            pos_scores = pos_scores.as_strided((batch, heads, length, sources), (s0, s1, s2 - s3, s3),
+                                               storage_offset=s3 * (length - 1))
+            if skip_positions is not False:
+                pos_scores = torch.where(skip_positions, 0.0, pos_scores)
+            scores = scores + pos_scores
+        penalize = self.training and chance(0.1, x.device)
+        if penalize is not False:
+            scores = penalize_abs_values_gt(scores, limit=25.0, penalty=1e-4, on=penalize)
         if attn_mask is not None:
             scores = scores.masked_fill(attn_mask, MASKED_SCORE)
         if key_padding_mask is not None:
@@ -158,8 +164,8 @@ class ActivationDropoutLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """x: ``(B, T, C_in)`` -> ``(B, T, C_out)``."""
         x = self.activation(x)
-        p = float(self.dropout)
-        if self.training and p > 0:
+        p = read(self.dropout)
+        if self.training and (isinstance(p, Tensor) or p > 0):
             keep = torch.rand(x.shape[0], 1, x.shape[2], device=x.device) > p
             x = x * keep.to(x.dtype) / (1.0 - p)
         return F.linear(x, self.weight, self.bias)
@@ -271,9 +277,9 @@ class Bypass(nn.Module):
     def forward(self, x_orig: Tensor, x: Tensor) -> Tensor:
         scale = self.bypass_scale
         if self.training:
-            scale = limit_param_value(scale, float(self.scale_min), float(self.scale_max), True)
-            skip_rate = float(self.skip_rate)
-            if skip_rate > 0:
+            scale = limit_param_value(scale, read(self.scale_min), read(self.scale_max), True)
+            skip_rate = read(self.skip_rate)
+            if isinstance(skip_rate, Tensor) or skip_rate > 0:
                 keep = torch.rand(x.shape[0], 1, 1, device=x.device) > skip_rate
                 scale = scale * keep.to(scale.dtype)
         return x_orig + (x - x_orig) * scale
@@ -283,8 +289,8 @@ def _sequence_keep(x: Tensor, rate: FloatLike, training: bool) -> Tensor | None:
     """A ``(B, 1, 1)`` 0/1 mask that drops whole sequences with probability ``rate`` in training."""
     if not training:
         return None
-    rate = float(rate)
-    if rate == 0.0:
+    rate = read(rate)
+    if not isinstance(rate, Tensor) and rate == 0.0:
         return None
     return (torch.rand(x.shape[0], 1, 1, device=x.device) > rate).to(x.dtype)
 
@@ -370,10 +376,12 @@ class ZipformerLayer(nn.Module):
         attn_keep = _sequence_keep(x, self.attention_skip_rate, training)
 
         first = weights[:, :1]
-        if training and uniform() < float(self.const_attention_rate):
+        flatten = training and chance(read(self.const_attention_rate), x.device)
+        if flatten is not False:
             # Uniform weights over the attended frames: the module learns to average over time.
-            first = (first > 0.0).to(first.dtype)
-            first = first / first.sum(-1, keepdim=True)
+            flat = (first > 0.0).to(first.dtype)
+            flat = flat / flat.sum(-1, keepdim=True)
+            first = flat if flatten is True else torch.where(flatten, flat, first)
         na, gated = self.nonlin_attention(x, first, cached_na)
         x = x + _apply(self.balancer_na(na), attn_keep)
         attn, values1 = self.self_attn1(x, weights, cached_v1)

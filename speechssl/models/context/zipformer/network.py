@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from speechssl.config import check
 from speechssl.models.context import ContextNetwork, ContextOutput, register_context
 from speechssl.models.context.zipformer.layer import Bypass, ZipformerLayer, compact_relative_positions
-from speechssl.models.context.zipformer.scaling import FloatLike, ScheduledFloat
+from speechssl.models.context.zipformer.scaling import FloatLike, ScheduledFloat, UpdateClock
 
 
 def expand_per_stack(values: Sequence[int] | int, stacks: int, name: str) -> list[int]:
@@ -246,6 +246,11 @@ class Zipformer(ContextNetwork):
             stacks.append(stack if factor == 1 else DownsampledStack(stack, self.encoder_dim[i], factor))
         self.encoders = nn.ModuleList(stacks)
         self.downsample_output = Downsample(c.output_downsampling_factor)
+        # Under torch.compile every schedule reads the update count from this one buffer.
+        self.update_clock = UpdateClock()
+        for module in self.modules():
+            if isinstance(module, ScheduledFloat):
+                module.follow(self.update_clock)
 
     # ------------------------------------------------------------------ training-time draws
 

@@ -24,13 +24,37 @@ def uniform() -> float:
     return torch.rand(()).item()
 
 
+def chance(p: float | Tensor, device: torch.device) -> bool | Tensor:
+    """True with probability ``p``. Eager: a Python bool from :func:`uniform`, so the caller can
+    skip work. Inside ``torch.compile``: a 0-dim bool tensor drawn on ``device``, as a branch on a
+    host value would split the graph; the caller then computes both ways and selects."""
+    if torch.compiler.is_compiling():
+        return torch.rand((), device=device) < p
+    return uniform() < p
+
+
+class UpdateClock(nn.Module):
+    """The trainer's update count on the model's device (``count``, a 0-dim int64 buffer that is
+    not saved), from which :class:`ScheduledFloat` values are computed inside ``torch.compile``:
+    a Python number that changes at every update would make it recompile."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("count", torch.zeros((), dtype=torch.long), persistent=False)
+
+    def set_num_updates(self, num_updates: int) -> None:
+        self.count.fill_(num_updates)
+
+
 class ScheduledFloat(nn.Module):
     """A float that follows the update count piecewise-linearly between ``points`` ``(update,
-    value)``, constant outside them. Read it with ``float(module)``.
+    value)``, constant outside them. Read it with :func:`read` (or ``float(module)`` in eager code).
 
     In eval mode it is ``default``. In training mode it needs the trainer's update count through
     ``set_num_updates`` (called on every module that has it); a model trained without one reads the
     value at update 0 and logs a warning once, rather than silently falling back to ``default``.
+    Inside ``torch.compile`` the value is computed on the device from an :class:`UpdateClock`
+    (:meth:`follow`), which the :class:`~speechssl.models.context.zipformer.Zipformer` sets up.
     """
 
     _warned = False
@@ -42,9 +66,15 @@ class ScheduledFloat(nn.Module):
         self.points = [(float(x), float(y)) for x, y in points]
         self.default = float(default)
         self.num_updates: int | None = None
+        self._clock: UpdateClock | None = None
 
     def set_num_updates(self, num_updates: int) -> None:
         self.num_updates = num_updates
+
+    def follow(self, clock: UpdateClock) -> None:
+        """Read the update count from ``clock`` inside ``torch.compile``. The clock is referenced,
+        not registered as a submodule: its owner moves and saves it."""
+        object.__setattr__(self, "_clock", clock)
 
     def value_at(self, update: float) -> float:
         """The schedule's value at ``update``."""
@@ -55,6 +85,17 @@ class ScheduledFloat(nn.Module):
             if update <= x1:
                 return y0 + (y1 - y0) * (update - x0) / (x1 - x0)
         return points[-1][1]
+
+    def on_device(self) -> Tensor:
+        """The training value as a 0-dim float32 tensor on the clock's device, computed from its
+        count: the first value plus each segment's rise times its clamped progress."""
+        if self._clock is None:
+            raise RuntimeError("a ScheduledFloat read inside torch.compile needs an UpdateClock (follow())")
+        update = self._clock.count.float()
+        value = update.new_tensor(self.points[0][1])
+        for (x0, y0), (x1, y1) in pairwise(self.points):
+            value = value + (y1 - y0) * ((update - x0) / (x1 - x0)).clamp(0.0, 1.0)
+        return value
 
     def __float__(self) -> float:
         if not self.training:
@@ -72,6 +113,14 @@ class ScheduledFloat(nn.Module):
 
 
 FloatLike = float | ScheduledFloat
+
+
+def read(value: FloatLike) -> float | Tensor:
+    """The current value of a number or schedule: a Python float, except for a schedule in training
+    inside ``torch.compile``, where it is a 0-dim tensor (:meth:`ScheduledFloat.on_device`)."""
+    if isinstance(value, ScheduledFloat) and value.training and torch.compiler.is_compiling():
+        return value.on_device()
+    return float(value)
 
 
 def swoosh_l(x: Tensor) -> Tensor:
@@ -119,26 +168,32 @@ def scaled_linear(in_features: int, out_features: int, bias: bool = True, initia
 
 class _LimitParamValue(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, low: float, high: float) -> Tensor:
-        ctx.save_for_backward(x)
-        ctx.low, ctx.high = low, high
+    def forward(ctx, x: Tensor, below: Tensor, above: Tensor) -> Tensor:
+        ctx.save_for_backward(below, above)
         return x.view_as(x)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
-        (x,) = ctx.saved_tensors
+        below, above = ctx.saved_tensors
         # Below the range, gradients that would lower x are flipped; above it, those that would raise it.
-        grad = grad * torch.where((grad > 0) & (x < ctx.low), -1.0, 1.0)
-        grad = grad * torch.where((grad < 0) & (x > ctx.high), -1.0, 1.0)
-        return grad, None, None
+        flip = ((grad > 0) & below) | ((grad < 0) & above)
+        return torch.where(flip, -grad, grad), None, None
 
 
-def limit_param_value(x: Tensor, low: float, high: float, training: bool, prob: float = 0.6) -> Tensor:
+def limit_param_value(x: Tensor, low: float | Tensor, high: float | Tensor, training: bool,
+                      prob: float = 0.6) -> Tensor:
     """``x`` unchanged; in training, on a fraction ``prob`` of calls, gradients that would push
     elements further outside ``[low, high]`` are reversed."""
-    if training and uniform() < prob:
-        return _LimitParamValue.apply(x, low, high)
-    return x
+    if not training:
+        return x
+    on = chance(prob, x.device)
+    if on is False:
+        return x
+    with torch.no_grad():
+        below, above = x < low, x > high
+        if isinstance(on, Tensor):
+            below, above = below & on, above & on
+    return _LimitParamValue.apply(x, below, above)
 
 
 class _WithLoss(torch.autograd.Function):
@@ -152,52 +207,75 @@ class _WithLoss(torch.autograd.Function):
         return grad, torch.ones(ctx.loss_shape, dtype=grad.dtype, device=grad.device)
 
 
-def penalize_abs_values_gt(x: Tensor, limit: float, penalty: float) -> Tensor:
-    """``x`` unchanged; backward adds the gradient of ``penalty * relu(|x| - limit).sum()``."""
+def penalize_abs_values_gt(x: Tensor, limit: float, penalty: float, on: bool | Tensor = True) -> Tensor:
+    """``x`` unchanged; backward adds the gradient of ``penalty * relu(|x| - limit).sum()`` (where
+    ``on``, a 0-dim bool tensor inside ``torch.compile``)."""
     over = (x.abs() > limit).to(x.dtype) * x.sign()
+    if isinstance(on, Tensor):
+        over = over * on
     return _WithLoss.apply(x, penalty * over * x)
 
 
-class _BalancerFunction(torch.autograd.Function):
+class _AddScaledAbsGrad(torch.autograd.Function):
+    """Identity; backward turns ``g`` into ``g + |g| * (offset + slope * x)``, with per-channel
+    ``offset`` and ``slope`` (float32, broadcastable to ``x``)."""
+
     @staticmethod
-    def forward(ctx, x: Tensor, min_mean: float, max_mean: float, min_rms: float, max_rms: float,
-                grad_scale: float, channel_dim: int) -> Tensor:
-        ctx.save_for_backward(x)
-        ctx.config = (min_mean, max_mean, min_rms, max_rms, grad_scale, channel_dim % x.ndim)
+    def forward(ctx, x: Tensor, offset: Tensor, slope: Tensor) -> Tensor:
+        ctx.save_for_backward(x, offset, slope)
         return x.view_as(x)
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
-        (x,) = ctx.saved_tensors
-        min_mean, max_mean, min_rms, max_rms, grad_scale, channel_dim = ctx.config
-        with torch.enable_grad(), torch.autocast(x.device.type, enabled=False):
-            x = x.detach().float().requires_grad_(True)
-            dims = [d for d in range(x.ndim) if d != channel_dim]
-            second = (x ** 2).mean(dims, keepdim=True)
-            mean = x.mean(dims, keepdim=True)
-            std = (second - mean * mean).clamp(min=1e-20).sqrt()
-            rms = second.clamp(min=1e-20).sqrt()
-            m = mean / std
-            loss = ((m - m.clamp(min=min_mean, max=max_mean)).abs()
-                    + (rms.clamp(min=min_rms, max=max_rms) / rms).log().abs())
-            (loss_grad,) = torch.autograd.grad(loss.sum(), x)
-        loss_grad = loss_grad * (grad_scale / (loss_grad ** 2).mean(dims, keepdim=True).sqrt().clamp(min=1e-20))
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
+        x, offset, slope = ctx.saved_tensors
         g = grad.float()
-        # Each element's share is scaled by |grad| there: a noisy estimate of its magnitude.
-        return (g + g.abs() * loss_grad).to(grad.dtype), None, None, None, None, None, None
+        return (g + g.abs() * (offset + slope * x.float())).to(grad.dtype), None, None
 
 
-def _proportion_positive_to_mean(p: float) -> float:
+def balancer_gradient(x: Tensor, channel_dim: int, min_mean: float | Tensor, max_mean: float | Tensor,
+                      min_rms: float | Tensor, max_rms: float | Tensor) -> tuple[Tensor, Tensor]:
+    """The gradient of the Balancer's loss with respect to ``x``, as ``offset + slope * x`` with
+    per-channel ``offset`` and ``slope`` (float32, dims kept), computed in closed form.
+
+    The loss is, per channel, ``|m - clamp(m, min_mean, max_mean)| + |log(clamp(rms, min_rms,
+    max_rms) / rms)|`` with ``m = mean / std``. With ``n`` elements per channel, ``dm/dx_i = 1/(n
+    std) - mean (x_i - mean) / (n std^3)`` and ``drms/dx_i = x_i / (n rms)``; the clamps inside
+    the square roots pass no gradient below 1e-20, as autograd's do.
+    """
+    x = x.float()
+    dims = [d for d in range(x.ndim) if d != channel_dim % x.ndim]
+    n = x.numel() // x.shape[channel_dim]
+    mean = x.mean(dims, keepdim=True)
+    second = (x * x).mean(dims, keepdim=True)
+    variance = second - mean * mean
+    std = variance.clamp(min=1e-20).sqrt()
+    rms = second.clamp(min=1e-20).sqrt()
+    m = mean / std
+    if isinstance(min_mean, Tensor) or isinstance(max_mean, Tensor):  # clamp's tensor form takes both as tensors
+        min_mean, max_mean = (torch.as_tensor(v, dtype=m.dtype, device=m.device) for v in (min_mean, max_mean))
+    dm = torch.sign(m - m.clamp(min=min_mean, max=max_mean))  # d loss / d m: -1, 0 or 1
+    dstd = dm * mean / (n * std ** 3) * (variance >= 1e-20)  # the std's share, per (x_i - mean)
+    drms = ((rms > max_rms).float() - (rms < min_rms).float()) / (n * rms * rms) * (second >= 1e-20)
+    return dm / (n * std) + dstd * mean, drms - dstd
+
+
+def _proportion_positive_to_mean(p: float | Tensor) -> float | Tensor:
     """Approximate mean/std of a normal variable that is positive with probability ``p``."""
     x = 2 * p - 1
     eps = 1e-10
-    return 0.8139535143 * (math.log(1 + x + eps) - math.log(1 - x + eps)) / 2.0
+    log = torch.log if isinstance(x, Tensor) else math.log
+    return 0.8139535143 * (log(1 + x + eps) - log(1 - x + eps)) / 2.0
 
 
 class Balancer(nn.Module):
     """Keeps each channel's statistics in range by changing gradients only: the proportion of
     positive values in ``[min_positive, max_positive]`` (as a mean/std bound) and the RMS in
-    ``[min_abs, max_abs] * sqrt(pi / 2)``. Applied on a random fraction ``prob`` of training calls."""
+    ``[min_abs, max_abs] * sqrt(pi / 2)``. Applied on a random fraction ``prob`` of training calls.
+
+    Backward adds ``|g|`` times the gradient of a loss on those statistics, normalised to RMS
+    ``grad_scale`` per channel. The statistics and that gradient's coefficients are computed in
+    forward (:func:`balancer_gradient`), so only per-channel values wait for backward.
+    """
 
     def __init__(self, channel_dim: int = -1, min_positive: FloatLike = 0.05, max_positive: FloatLike = 0.95,
                  min_abs: FloatLike = 0.2, max_abs: FloatLike = 100.0, grad_scale: FloatLike = 0.04,
@@ -209,17 +287,33 @@ class Balancer(nn.Module):
         self.prob = ScheduledFloat((0.0, 0.5), (8000.0, 0.125), default=0.4) if prob is None else prob
 
     def forward(self, x: Tensor) -> Tensor:
-        if not (self.training and x.requires_grad) or uniform() >= float(self.prob):
+        if not (self.training and x.requires_grad):
             return x
-        return _BalancerFunction.apply(
-            x, _proportion_positive_to_mean(float(self.min_positive)),
-            _proportion_positive_to_mean(float(self.max_positive)), 1.25331413732 * float(self.min_abs),
-            1.25331413732 * float(self.max_abs), float(self.grad_scale), self.channel_dim)
+        on = chance(read(self.prob), x.device)
+        if on is False:
+            return x
+        with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
+            offset, slope = balancer_gradient(
+                x, self.channel_dim, _proportion_positive_to_mean(read(self.min_positive)),
+                _proportion_positive_to_mean(read(self.max_positive)), 1.25331413732 * read(self.min_abs),
+                1.25331413732 * read(self.max_abs))
+            dims = [d for d in range(x.ndim) if d != self.channel_dim % x.ndim]
+            rms = (offset + slope * x.float()).pow(2).mean(dims, keepdim=True).sqrt().clamp(min=1e-20)
+            scale = read(self.grad_scale) / rms
+            if isinstance(on, Tensor):
+                scale = scale * on
+        return _AddScaledAbsGrad.apply(x, offset * scale, slope * scale)
 
 
 def whitening_metric(x: Tensor, num_groups: int) -> Tensor:
     """1.0 when the centred covariance of each channel group of ``x (..., C)`` has equal eigenvalues
     (the same across groups), larger otherwise."""
+    return _whitening_statistics(x, num_groups)[0]
+
+
+def _whitening_statistics(x: Tensor, num_groups: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The metric and what its gradient needs: the centred groups ``(G, frames, C / G)``, their
+    covariances ``(G, C / G, C / G)`` and the mean of the covariances' diagonals."""
     x = x.reshape(-1, x.shape[-1])
     frames, channels = x.shape
     x = x.reshape(frames, num_groups, channels // num_groups).transpose(0, 1)
@@ -227,36 +321,47 @@ def whitening_metric(x: Tensor, num_groups: int) -> Tensor:
     covar = x.transpose(1, 2) @ x
     mean_diag = covar.diagonal(dim1=1, dim2=2).mean()
     mean_sq_diag = (covar ** 2).sum() / channels
-    return mean_sq_diag / (mean_diag ** 2 + 1e-20)
+    return mean_sq_diag / (mean_diag ** 2 + 1e-20), x, covar, mean_diag
+
+
+def whitening_gradient(x: Tensor, num_groups: int) -> Tensor:
+    """The gradient of :func:`whitening_metric` with respect to ``x (..., C)``, float32, in closed
+    form: with centred groups ``X``, covariances ``S = X^T X``, ``d = mean(diag S)``, ``q =
+    sum(S^2) / C`` and ``D = d^2 + 1e-20``, it is ``4 / (C D) (X S - (q d / D) X)``. (The
+    centring adds nothing: both terms have zero mean over frames.)"""
+    shape, channels = x.shape, x.shape[-1]
+    metric, centred, covar, mean_diag = _whitening_statistics(x.float(), num_groups)
+    denominator = mean_diag ** 2 + 1e-20
+    grad = (centred @ covar - (metric * mean_diag) * centred) * (4.0 / (channels * denominator))
+    return grad.transpose(0, 1).reshape(shape)
 
 
 class _WhiteningPenalty(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, module: Whiten) -> Tensor:
-        ctx.save_for_backward(x)
-        ctx.module = module
+    def forward(ctx, x: Tensor, on: Tensor, num_groups: int, grad_scale: float) -> Tensor:
+        ctx.save_for_backward(x, on)
+        ctx.num_groups, ctx.grad_scale = num_groups, grad_scale
         return x.view_as(x)
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
-        (x,) = ctx.saved_tensors
-        w = ctx.module
-        with torch.enable_grad(), torch.autocast(x.device.type, enabled=False):
-            x = x.detach().float().requires_grad_(True)
-            metric = whitening_metric(x, w.num_groups)
-            if metric < float(w.whitening_limit):
-                w.prob = w.min_prob
-                return grad, None
-            w.prob = w.max_prob
-            (penalty,) = torch.autograd.grad(metric, x)
-        scale = float(w.grad_scale) * grad.float().norm() / (penalty.norm() + 1e-20)
-        return grad + (penalty * scale).to(grad.dtype), None
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None, None]:
+        x, on = ctx.saved_tensors
+        with torch.autocast(x.device.type, enabled=False):
+            penalty = whitening_gradient(x, ctx.num_groups)
+            scale = ctx.grad_scale * grad.float().norm() / (penalty.norm() + 1e-20) * on
+        return grad + (penalty * scale).to(grad.dtype), None, None, None
 
 
 class Whiten(nn.Module):
     """Pushes the features towards a white covariance (per channel group) through the gradient
     when :func:`whitening_metric` exceeds ``whitening_limit``. Runs on a random fraction of training
-    calls: ``prob[1]`` after a call that found the limit exceeded, ``prob[0]`` otherwise."""
+    calls: ``prob[1]`` after a call that found the limit exceeded, ``prob[0]`` otherwise.
+
+    The metric is measured in forward, on the input that backward would see. Eager code compares it
+    on the host (a device synchronisation, as the reference's backward does) and keeps the
+    probability in ``prob``; inside ``torch.compile`` the comparison and the probability
+    (``device_prob``, a buffer that is not saved) stay on the device.
+    """
 
     def __init__(self, num_groups: int, whitening_limit: FloatLike, prob: tuple[float, float],
                  grad_scale: FloatLike):
@@ -264,11 +369,29 @@ class Whiten(nn.Module):
         self.num_groups, self.whitening_limit, self.grad_scale = num_groups, whitening_limit, grad_scale
         self.min_prob, self.max_prob = prob
         self.prob = self.max_prob
+        self.register_buffer("device_prob", torch.tensor(self.max_prob), persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        if not (self.training and x.requires_grad) or uniform() > self.prob or float(self.grad_scale) == 0:
+        grad_scale = float(self.grad_scale)
+        if not (self.training and x.requires_grad) or grad_scale == 0:
             return x
-        return _WhiteningPenalty.apply(x, self)
+        compiling = torch.compiler.is_compiling()
+        if not compiling and uniform() > self.prob:
+            return x
+        with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
+            over = whitening_metric(x.float(), self.num_groups) >= read(self.whitening_limit)
+            if compiling:
+                check = torch.rand((), device=x.device) <= self.device_prob
+                self.device_prob.copy_(torch.where(check, torch.where(over, self.max_prob, self.min_prob),
+                                                   self.device_prob))
+                on = check & over
+            else:
+                exceeded = bool(over)
+                self.prob = self.max_prob if exceeded else self.min_prob
+                if not exceeded:
+                    return x
+                on = over
+        return _WhiteningPenalty.apply(x, on, self.num_groups, grad_scale)
 
 
 def whitening_schedule(limit: float, ratio: float = 2.0) -> ScheduledFloat:
