@@ -20,10 +20,11 @@ once beforehand (its ``_compute_mask_indices`` and ``_sample_negative_indices``,
 timing); ours draws its masks and negatives on the GPU inside every step. Prints the ratio.
 
 ``--context-only`` times the context network alone: forward and backward of the mean of its
-output on random features at the extractor's frame rate, and a fused AdamW step of its
-parameters. The reference is then Hugging Face's encoder (``--compare-hf``) or, for a Zipformer,
-the reference package's encoder (``--compare-reference``; PyPI ``zipformer`` 0.1.3, icefall's
-Zipformer2, the same sizes, time-major input as it expects, its schedules past warm-up).
+output on random features at the extractor's frame rate (in the autocast dtype and needing a
+gradient, as the frontend gives them), and a fused AdamW step of its parameters. The reference
+is then Hugging Face's encoder (``--compare-hf``) or, for a Zipformer, the reference package's
+encoder (``--compare-reference``; PyPI ``zipformer`` 0.1.3, icefall's Zipformer2, the same sizes,
+time-major input as it expects, its schedules past warm-up).
 
 ``--compile MODULE`` (repeatable) compiles parts of our model as ``trainer.compile`` does
 (``--compile model``: the whole model), in ``--compile-mode`` (``reduce-overhead``: CUDA graphs, a
@@ -92,6 +93,7 @@ def measure(step: Callable[[], None], params: list[nn.Parameter], flops: float, 
     full()  # the first step pays for compilation, if any
     torch.cuda.synchronize()
     first_step = time.perf_counter() - started
+    print(f"first step (compilation included): {first_step:.1f} s", file=sys.stderr, flush=True)
     ms = time_steps(full, args.warmup, args.steps, args.warmup_seconds)
     peak = torch.cuda.max_memory_allocated() / 2**30
     return {"ms_per_step": round(ms, 1), "audio_seconds_per_second": round(audio_seconds / (ms / 1000), 1),
@@ -141,7 +143,9 @@ def main() -> None:
         hf.config._attn_implementation = "sdpa"
     model = model.to(device).train()
     model.set_num_updates(100_000)
-    features = torch.randn(args.batch_size, frames, model.context.input_dim, device=device)
+    # The context network's input as the frontend gives it: in the autocast dtype, needing a gradient.
+    features = torch.randn(args.batch_size, frames, model.context.input_dim, device=device,
+                           dtype=torch.bfloat16 if args.dtype == "bf16" else torch.float32, requires_grad=True)
 
     if args.context_only:
         ours_module = model.context
@@ -172,7 +176,7 @@ def main() -> None:
         if not (args.context_only and model.config.context.type == "zipformer"):
             sys.exit("--compare-reference needs --context-only and a Zipformer config")
         reference = reference_zipformer(model.context).to(device).train()
-        time_major = features.transpose(0, 1).contiguous()
+        time_major = features.detach().transpose(0, 1).contiguous().requires_grad_()
         feature_lengths = torch.full((args.batch_size,), frames, device=device)
 
         def theirs() -> None:

@@ -292,7 +292,38 @@ def test_schedules_on_the_device_follow_the_update_clock() -> None:
         assert float(schedule.on_device()) == pytest.approx(schedule.value_at(update), abs=1e-7)
     model = Zipformer(ZipformerConfig(**SMALL))
     assert all(m._clock is model.update_clock for m in model.modules() if isinstance(m, ScheduledFloat))
-    assert "update_clock.count" not in model.state_dict()
+    assert not any(k.endswith(("update_clock.count", "point_table", "device_prob")) for k in model.state_dict())
+    model.to(torch.bfloat16)  # as DeepSpeed's bf16 engine casts the model: the schedules keep their points
+    tables = [m.point_table for m in model.modules() if isinstance(m, ScheduledFloat)]
+    assert tables and all(t.dtype == torch.float32 for t in tables)
+    assert model.encoders[0].layers[0].whiten.device_prob.dtype == torch.float32
+    assert model.encoders[0].layers[0].feed_forward1.in_proj.weight.dtype == torch.bfloat16
+
+
+def test_layers_of_one_shape_share_a_compiled_graph() -> None:
+    """``context.layers`` compiles each layer; layers of the same width and frame rate reuse one
+    graph although their schedules (the layer warm-up's skip rates) differ."""
+    from torch._dynamo.testing import CompileCounter
+
+    from speechssl.training.compilation import compile_submodules
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = torch.nn.Module()
+    model.context = Zipformer(ZipformerConfig(**SMALL)).train()
+    for module in model.modules():
+        if hasattr(module, "set_num_updates"):
+            module.set_num_updates(2500)
+    layers = model.context.layers
+    assert len(layers) == 5 and len({layer.bypass.skip_rate.points[0] for layer in layers}) == 5
+    counter = CompileCounter()
+    for layer in layers:  # as compile_submodules does, with a counting backend
+        layer.compile(backend=counter)
+    x = torch.randn(2, 40, 32, requires_grad=True)
+    model.context(x).output.sum().backward()
+    assert counter.frame_count == 3  # widths 32, 48 and 64 at 1, 1/2 and 1/4 of the frame rate
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    assert compile_submodules(model, ["context.layers"]) == [f"context.layers.{i}" for i in range(5)]
 
 
 def test_the_zipformer_model_traces_as_one_graph_that_updates_do_not_recompile() -> None:

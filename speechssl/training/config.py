@@ -55,11 +55,13 @@ class TrainerConfig:
     ``samples.rank{r}.jsonl`` (to audit data order and sharding).
     compile: parts of the model to run through ``torch.compile``, by dotted name: ``[model]`` the
     whole model as one graph (layer drop then runs every layer and discards the dropped ones'
-    outputs: see ``ContextNetwork._layer_or_skip``), ``[context.layers]`` each Transformer or
-    Conformer block (a ``ModuleList`` compiles each of its modules), ``feature_extractor`` the
-    convolutional encoder. A new batch shape compiles again, and torch.compile gives up (runs
-    eagerly) after 8 recompilations of a function: compile with crops of one length
-    (``data.min_sample_size`` = ``data.max_sample_size``).
+    outputs: see ``ContextNetwork._layer_or_skip``), ``[context.layers]`` each Transformer,
+    Conformer or Zipformer layer (a ``ModuleList`` compiles each of its modules),
+    ``feature_extractor`` the convolutional encoder. A new batch shape compiles again, and
+    torch.compile gives up (runs eagerly) after 8 recompilations of a function: compile with crops
+    of one length (``data.min_sample_size`` = ``data.max_sample_size``). Zipformer layers share
+    one function, compiled once per stack width and frame rate (5 graphs for the medium model),
+    so a second batch shape or validation batches can reach that limit.
     compile_mode: ``torch.compile``'s mode: null (its default), ``reduce-overhead`` (replays CUDA
     graphs: the host no longer launches each kernel; one graph is recorded per batch shape, so it
     pays where batch shapes repeat, such as crops of a fixed length), ``max-autotune`` or

@@ -302,6 +302,13 @@ class Zipformer(ContextNetwork):
     def depth(self) -> int:
         return len(self.encoders)
 
+    @property
+    def layers(self) -> nn.ModuleList:
+        """Every Zipformer layer, stack after stack (a view: the layers stay registered in their
+        stacks), so that ``trainer.compile: [context.layers]`` compiles each layer as for the other
+        context networks. Layers of the same width and frame rate share one compiled graph."""
+        return nn.ModuleList(layer for stack in self.encoders for layer in stack.layers)
+
     def forward(self, x: Tensor, padding_mask: Tensor | None = None,
                 num_layers: int | None = None) -> ContextOutput:
         """``num_layers`` counts stacks here: the output is then that stack's output."""

@@ -33,6 +33,18 @@ def chance(p: float | Tensor, device: torch.device) -> bool | Tensor:
     return uniform() < p
 
 
+class Float32Buffers(nn.Module):
+    """A module whose floating-point buffers stay float32 when the model is cast (``.half()``,
+    DeepSpeed's bf16 engine): they hold schedule points and probabilities, not activations."""
+
+    def _apply(self, fn, recurse: bool = True):
+        super()._apply(fn, recurse)
+        for name, buffer in self._buffers.items():
+            if buffer is not None and buffer.is_floating_point():
+                self._buffers[name] = buffer.float()
+        return self
+
+
 class UpdateClock(nn.Module):
     """The trainer's update count on the model's device (``count``, a 0-dim int64 buffer that is
     not saved), from which :class:`ScheduledFloat` values are computed inside ``torch.compile``:
@@ -46,7 +58,7 @@ class UpdateClock(nn.Module):
         self.count.fill_(num_updates)
 
 
-class ScheduledFloat(nn.Module):
+class ScheduledFloat(Float32Buffers):
     """A float that follows the update count piecewise-linearly between ``points`` ``(update,
     value)``, constant outside them. Read it with :func:`read` (or ``float(module)`` in eager code).
 
@@ -54,7 +66,10 @@ class ScheduledFloat(nn.Module):
     ``set_num_updates`` (called on every module that has it); a model trained without one reads the
     value at update 0 and logs a warning once, rather than silently falling back to ``default``.
     Inside ``torch.compile`` the value is computed on the device from an :class:`UpdateClock`
-    (:meth:`follow`), which the :class:`~speechssl.models.context.zipformer.Zipformer` sets up.
+    (:meth:`follow`), which the :class:`~speechssl.models.context.zipformer.Zipformer` sets up,
+    and from the points as a buffer (``point_table``, ``(P, 2)``, not saved): as graph inputs
+    rather than constants, the schedules of one layer and the next give the same graph, which
+    is compiled once.
     """
 
     _warned = False
@@ -64,6 +79,7 @@ class ScheduledFloat(nn.Module):
         if not points or any(b[0] <= a[0] for a, b in pairwise(points)):
             raise ValueError(f"ScheduledFloat needs points with increasing updates, got {points}")
         self.points = [(float(x), float(y)) for x, y in points]
+        self.register_buffer("point_table", torch.tensor(self.points, dtype=torch.float32), persistent=False)
         self.default = float(default)
         self.num_updates: int | None = None
         self._clock: UpdateClock | None = None
@@ -92,10 +108,8 @@ class ScheduledFloat(nn.Module):
         if self._clock is None:
             raise RuntimeError("a ScheduledFloat read inside torch.compile needs an UpdateClock (follow())")
         update = self._clock.count.float()
-        value = update.new_tensor(self.points[0][1])
-        for (x0, y0), (x1, y1) in pairwise(self.points):
-            value = value + (y1 - y0) * ((update - x0) / (x1 - x0)).clamp(0.0, 1.0)
-        return value
+        (x0, y0), (x1, y1) = self.point_table[:-1].unbind(1), self.point_table[1:].unbind(1)
+        return self.point_table[0, 1] + ((y1 - y0) * ((update - x0) / (x1 - x0)).clamp(0.0, 1.0)).sum()
 
     def __float__(self) -> float:
         if not self.training:
@@ -352,7 +366,7 @@ class _WhiteningPenalty(torch.autograd.Function):
         return grad + (penalty * scale).to(grad.dtype), None, None, None
 
 
-class Whiten(nn.Module):
+class Whiten(Float32Buffers):
     """Pushes the features towards a white covariance (per channel group) through the gradient
     when :func:`whitening_metric` exceeds ``whitening_limit``. Runs on a random fraction of training
     calls: ``prob[1]`` after a call that found the limit exceeded, ``prob[0]`` otherwise.
