@@ -153,6 +153,28 @@ def test_next_epoch_started_early_gives_the_same_batches(corpus: Path) -> None:
     assert [_keys(b) for b in restarted] == chained[0]
 
 
+def test_workers_from_a_fork_server_yield_what_forked_workers_yield(corpus: Path) -> None:
+    """``worker_start: forkserver``: the workers come from one fork server, not from this process
+    (whose page tables a fork would copy while training waits), and yield the same batches."""
+    import os
+
+    import psutil
+
+    def started(start: str) -> tuple[set[int], list[list[str]]]:
+        batches = make_loader(_config(corpus, num_workers=2, worker_start=start), train=True)._start(0, 0)
+        first = _keys(next(batches))
+        parents = {psutil.Process(w.pid).ppid() for w in batches._workers}
+        return parents, [first] + [_keys(b) for b in batches]
+
+    served_by, served = started("forkserver")
+    forked_by, forked = started("fork")
+    assert forked_by == {os.getpid()}
+    assert os.getpid() not in served_by and len(served_by) == 1
+    assert served == forked and len(served) > 1
+    with pytest.raises(ConfigError, match=r"data\.worker_start"):
+        _config(corpus, worker_start="spawn-please")
+
+
 def test_cropping_that_discards_most_audio_is_reported(corpus: Path, caplog: pytest.LogCaptureFixture) -> None:
     """Each loader slot packs batches from its own shards: with one shard per slot, batches mix
     lengths and cropping to the shortest throws most of the audio away."""
