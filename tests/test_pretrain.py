@@ -245,6 +245,56 @@ def test_stage0_clipping_matches_deepspeeds(shards: Path, tmp_path: Path) -> Non
     assert result["max_difference"] < 1e-9
 
 
+ONE_RANK = """
+import json, sys, torch
+from pretrain.__main__ import load_config
+from pretrain.task import PretrainTask
+from speechssl.training.job import make_loaders
+from speechssl.training.trainer import Trainer
+
+def train(deepspeed_reduces):
+    config = load_config(sys.argv[1], sys.argv[2:])
+    loader, _ = make_loaders(config.data, [], 0, 1)
+    trainer = Trainer(PretrainTask(config.model, 10), config.trainer, loader)
+    trainer._build_engine()
+    local = trainer._local_gradients
+    if deepspeed_reduces:  # DeepSpeed's single-rank all-reduce, as before the trainer skipped it
+        trainer._local_gradients, trainer.engine.enable_backward_allreduce = False, True
+    missing = []
+    finish = trainer._finish_update
+    def counting_finish():
+        missing.append(sum(p.grad is None for p in trainer._params))
+        finish()
+    trainer._finish_update = counting_finish
+    torch.manual_seed(0)
+    batches = iter(loader)
+    for _ in range(3):
+        trainer._train_update([next(batches)], {})
+    return local, missing, [p.detach().clone() for p in trainer._params]
+
+local, missing, ours = train(False)
+_, reduced_missing, theirs = train(True)
+print(json.dumps({"local": local, "missing": missing, "reduced_missing": reduced_missing,
+                  "equal": all(torch.equal(a, b) for a, b in zip(ours, theirs, strict=True))}))
+"""
+
+
+def test_one_rank_skips_deepspeeds_all_reduce_and_trains_the_same(shards: Path, tmp_path: Path) -> None:
+    """On one rank at stage 0 the trainer skips DeepSpeed's gradient all-reduce (a copy of every
+    gradient), and gives the parameters of dropped layers the zero gradients that all-reduce gave:
+    three updates with layer drop end with the same parameters, bit for bit."""
+    ds = tmp_path / "zero0_clip.json"
+    ds.write_text(json.dumps({"gradient_clipping": 1.0, "zero_optimization": {"stage": 0}}))
+    args = [CONFIG, *_args(shards, tmp_path / "run", deepspeed=ds), "model.context.layer_drop=0.5"]
+    done = _run(args, script=ONE_RANK)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["local"] is True
+    assert any(result["missing"])  # dropped layers left gradients to fill
+    assert not any(result["reduced_missing"])  # DeepSpeed's all-reduce had filled them
+    assert result["equal"]
+
+
 SKIPPING = """
 import json, sys, torch
 FUSED = sys.argv[1] == "fused"

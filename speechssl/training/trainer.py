@@ -131,6 +131,13 @@ class Trainer:
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config,
             dist_init_required=False)
+        # One rank has nothing to average, yet DeepSpeed's stage-0 all-reduce would copy every
+        # gradient into a flat buffer and back (about 1.3 ms per BASE update in one H100 profile).
+        # Its one other effect, zero gradients for parameters that got none, _finish_update gives.
+        self._local_gradients = self.world_size == 1 and self.stage == 0 and self.precision in (
+            "fp32", "bf16-autocast")
+        if self._local_gradients:
+            self.engine.enable_backward_allreduce = False
 
     def _param_groups(self, model: nn.Module) -> tuple[list[dict], list[str]]:
         """Optimizer groups (non-empty, so DeepSpeed keeps them all and in order) and their task
@@ -250,6 +257,10 @@ class Trainer:
         the next batch while the GPU finishes (the LR schedule then also advances on a skipped
         update); otherwise it reads the norm (a host sync)."""
         engine = self.engine
+        if self._local_gradients:  # as DeepSpeed's all-reduce does, so that one rank trains as many do
+            for p in self._params:
+                if p.requires_grad and p.grad is None and p.numel():
+                    p.grad = torch.zeros_like(p)
         trained = [p for p in self._params if p.grad is not None]
         self._grad_norm = torch.nn.utils.get_total_norm([p.grad for p in trained]) if trained else None
         if self._grad_norm is None:
