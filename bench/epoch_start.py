@@ -1,14 +1,15 @@
 """What starting an epoch's loader workers costs the training loop, in a process of a given size.
 
-    python bench/epoch_start.py --shards data/synth/train --resident-gib 0 8 --workers 4 --start fork forkserver
+    python bench/epoch_start.py --shards data/synth/train --resident-gib 0 8 --workers 4 --start default forkserver
 
 The training loop starts the next epoch's workers itself (``AudioLoader`` does it a few batches
 before the epoch ends), so the time that start takes on the main thread is time the GPU waits.
 For each size, allocates that much resident memory (as a training process holds: CUDA runtime,
 pinned buffers, the model on the host), then times, for ``--epochs`` epochs, the start of the
 workers (the main thread's share) and the wait for their first batch. Forking copies the page
-tables of the whole process, so with ``fork`` workers the start grows with the process; workers
-from a fork server do not. ``--start`` takes the values of ``data.worker_start``.
+tables of the whole process, so with forked workers (``default`` on Linux) the start grows with
+the process; with workers from a fork server it does not. ``--start`` takes the values of
+``data.worker_start``.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ def main() -> None:
     parser.add_argument("--resident-gib", type=float, nargs="+", default=[0.0, 8.0])
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--epochs", type=int, default=4, help="the first also starts the fork server")
-    parser.add_argument("--start", nargs="+", choices=["fork", "forkserver"], default=["fork", "forkserver"],
+    parser.add_argument("--start", nargs="+", choices=["default", "forkserver"], default=["default", "forkserver"],
                         help="data.worker_start values to time")
     args = parser.parse_args()
     for gib in args.resident_gib:

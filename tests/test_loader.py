@@ -167,8 +167,8 @@ def test_workers_from_a_fork_server_yield_what_forked_workers_yield(corpus: Path
         return parents, [first] + [_keys(b) for b in batches]
 
     served_by, served = started("forkserver")
-    forked_by, forked = started("fork")
-    assert forked_by == {os.getpid()}
+    forked_by, forked = started("default")
+    assert forked_by == {os.getpid()}  # Linux before Python 3.14: a fork of this process
     assert os.getpid() not in served_by and len(served_by) == 1
     assert served == forked and len(served) > 1
     with pytest.raises(ConfigError, match=r"data\.worker_start"):

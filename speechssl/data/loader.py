@@ -48,11 +48,11 @@ class DataConfig:
     training utterances longer than max_sample_size are dropped and counted.
     normalize: zero mean, unit variance per utterance (fairseq ``normalize``).
     shuffle_buffer: samples per shuffling and length-bucketing window. max_batch_size: 0 = no cap.
-    num_workers: DataLoader worker processes. worker_start: how they start, ``fork`` (the
-    DataLoader's default: forked from this process on Linux) or ``forkserver`` (forked from a small server
-    process started once: an epoch's start no longer copies the page tables of a large training
-    process; the main module is imported again there, so a script needs ``if __name__ ==
-    "__main__":``, as with ``spawn``). seed: shuffling, cropping."""
+    num_workers: DataLoader worker processes. worker_start: how they start, ``default`` (the
+    platform's start method: on Linux before Python 3.14, a fork of this process) or
+    ``forkserver`` (forked from a small server process started once: an epoch's start no longer
+    copies the page tables of a large training process; the main module is imported again there,
+    so a script needs ``if __name__ == "__main__":``, as with ``spawn``). seed: shuffling, cropping."""
 
     shards: list[str] = field(default_factory=list)
     weights: Optional[list[float]] = None  # noqa: UP045  (OmegaConf needs typing.Optional)
@@ -65,7 +65,7 @@ class DataConfig:
     shuffle_buffer: int = 1000
     max_batch_size: int = 0
     num_workers: int = 2
-    worker_start: str = "fork"
+    worker_start: str = "default"
     seed: int = 1
 
     def __post_init__(self) -> None:
@@ -79,11 +79,10 @@ class DataConfig:
         check(self.crop or not self.crop_to_shortest, "data.crop_to_shortest",
               "crops; with crop: false (labelled data) set it to false")
         check(self.num_workers >= 0, "data.num_workers", "must be >= 0")
-        check(self.worker_start in ("fork", "forkserver"), "data.worker_start",
-              f"must be fork or forkserver, got {self.worker_start!r}")
-        check(self.worker_start in multiprocessing.get_all_start_methods(), "data.worker_start",
-              f"{self.worker_start} is not available on this platform "
-              f"({', '.join(multiprocessing.get_all_start_methods())} are)")
+        check(self.worker_start in ("default", "forkserver"), "data.worker_start",
+              f"must be default or forkserver, got {self.worker_start!r}")
+        check(self.worker_start == "default" or "forkserver" in multiprocessing.get_all_start_methods(),
+              "data.worker_start", "forkserver is not available on this platform (use default)")
         check(self.max_batch_size >= 0, "data.max_batch_size", "must be >= 0")
 
 
@@ -98,13 +97,13 @@ class AudioBatch(NamedTuple):
 
 
 def worker_context(start: str) -> multiprocessing.context.BaseContext | None:
-    """How loader workers start (``DataConfig.worker_start``): None for the DataLoader's default
-    (a fork of this process on Linux), or a fork server. Forking the training process copies its
+    """How loader workers start (``DataConfig.worker_start``): None for the platform's default
+    (on Linux before Python 3.14, a fork of this process), or a fork server. Forking the training process copies its
     page tables while the training loop waits, once per epoch: about half a second for 4 workers
     of a process that holds 8 GiB, against 70 ms for a small one, and the GPU idles meanwhile. The
     fork server is started once, with the main module and this one imported, and forks small
     workers, each sent only the dataset."""
-    if start == "fork":
+    if start == "default":
         return None
     context = multiprocessing.get_context("forkserver")
     spec = getattr(sys.modules.get("__main__"), "__spec__", None)

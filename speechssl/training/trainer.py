@@ -134,8 +134,10 @@ class Trainer:
         # One rank has nothing to average, yet DeepSpeed's stage-0 all-reduce would copy every
         # gradient into a flat buffer and back (about 1.3 ms per BASE update in one H100 profile).
         # Its one other effect, zero gradients for parameters that got none, _finish_update gives.
-        self._local_gradients = self.world_size == 1 and self.stage == 0 and self.precision in (
-            "fp32", "bf16-autocast")
+        # (A DeepSpeed file that sets how gradients are communicated keeps it, rounding and all.)
+        sets_communication = {"communication_data_type", "gradient_predivide_factor"} & self.ds_config.keys()
+        self._local_gradients = (self.world_size == 1 and self.stage == 0 and not sets_communication
+                                 and self.precision in ("fp32", "bf16-autocast"))
         if self._local_gradients:
             self.engine.enable_backward_allreduce = False
 

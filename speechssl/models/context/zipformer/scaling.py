@@ -34,14 +34,15 @@ def chance(p: float | Tensor, device: torch.device) -> bool | Tensor:
 
 
 class Float32Buffers(nn.Module):
-    """A module whose floating-point buffers stay float32 when the model is cast (``.half()``,
-    DeepSpeed's bf16 engine): they hold schedule points and probabilities, not activations."""
+    """A module whose floating-point buffers keep their float32 values when the model is cast
+    (``.half()``, ``.to(torch.bfloat16)``) and only follow its device: they hold schedule points
+    and probabilities, not activations."""
 
     def _apply(self, fn, recurse: bool = True):
+        kept = {name: b for name, b in self._buffers.items() if b is not None and b.is_floating_point()}
         super()._apply(fn, recurse)
-        for name, buffer in self._buffers.items():
-            if buffer is not None and buffer.is_floating_point():
-                self._buffers[name] = buffer.float()
+        for name, before in kept.items():
+            self._buffers[name] = before.to(self._buffers[name].device)
         return self
 
 
@@ -386,14 +387,17 @@ class Whiten(Float32Buffers):
         self.register_buffer("device_prob", torch.tensor(self.max_prob), persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        grad_scale = float(self.grad_scale)
-        if not (self.training and x.requires_grad) or grad_scale == 0:
+        if not (self.training and x.requires_grad):
             return x
         compiling = torch.compiler.is_compiling()
         if not compiling and uniform() > self.prob:
             return x
+        grad_scale = float(self.grad_scale)
+        if grad_scale == 0:
+            return x
         with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
-            over = whitening_metric(x.float(), self.num_groups) >= read(self.whitening_limit)
+            # "Not under the limit", as the reference tests it (a NaN metric counts as over).
+            over = ~(whitening_metric(x.float(), self.num_groups) < read(self.whitening_limit))
             if compiling:
                 check = torch.rand((), device=x.device) <= self.device_prob
                 self.device_prob.copy_(torch.where(check, torch.where(over, self.max_prob, self.min_prob),
