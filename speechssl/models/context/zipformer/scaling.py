@@ -248,9 +248,11 @@ class _AddScaledAbsGrad(torch.autograd.Function):
 
 
 def balancer_gradient(x: Tensor, channel_dim: int, min_mean: float | Tensor, max_mean: float | Tensor,
-                      min_rms: float | Tensor, max_rms: float | Tensor) -> tuple[Tensor, Tensor]:
-    """The gradient of the Balancer's loss with respect to ``x``, as ``offset + slope * x`` with
-    per-channel ``offset`` and ``slope`` (float32, dims kept), computed in closed form.
+                      min_rms: float | Tensor, max_rms: float | Tensor,
+                      grad_scale: float | Tensor) -> tuple[Tensor, Tensor]:
+    """The gradient of the Balancer's loss with respect to ``x``, normalised to RMS ``grad_scale``
+    per channel, as ``offset + slope * x`` with per-channel ``offset`` and ``slope`` (float32,
+    dims kept), computed in closed form.
 
     The loss is, per channel, ``|m - clamp(m, min_mean, max_mean)| + |log(clamp(rms, min_rms,
     max_rms) / rms)|`` with ``m = mean / std``. With ``n`` elements per channel, ``dm/dx_i = 1/(n
@@ -271,7 +273,9 @@ def balancer_gradient(x: Tensor, channel_dim: int, min_mean: float | Tensor, max
     dm = torch.sign(m - m.clamp(min=min_mean, max=max_mean))  # d loss / d m: -1, 0 or 1
     dstd = dm * mean / (n * std ** 3) * (variance >= 1e-20)  # the std's share, per (x_i - mean)
     drms = ((rms > max_rms).float() - (rms < min_rms).float()) / (n * rms * rms) * (second >= 1e-20)
-    return dm / (n * std) + dstd * mean, drms - dstd
+    offset, slope = dm / (n * std) + dstd * mean, drms - dstd
+    scale = grad_scale / (offset + slope * x).pow(2).mean(dims, keepdim=True).sqrt().clamp(min=1e-20)
+    return offset * scale, slope * scale
 
 
 def _proportion_positive_to_mean(p: float | Tensor) -> float | Tensor:
@@ -311,13 +315,10 @@ class Balancer(nn.Module):
             offset, slope = balancer_gradient(
                 x, self.channel_dim, _proportion_positive_to_mean(read(self.min_positive)),
                 _proportion_positive_to_mean(read(self.max_positive)), 1.25331413732 * read(self.min_abs),
-                1.25331413732 * read(self.max_abs))
-            dims = [d for d in range(x.ndim) if d != self.channel_dim % x.ndim]
-            rms = (offset + slope * x.float()).pow(2).mean(dims, keepdim=True).sqrt().clamp(min=1e-20)
-            scale = read(self.grad_scale) / rms
+                1.25331413732 * read(self.max_abs), read(self.grad_scale))
             if isinstance(on, Tensor):
-                scale = scale * on
-        return _AddScaledAbsGrad.apply(x, offset * scale, slope * scale)
+                offset, slope = offset * on, slope * on
+        return _AddScaledAbsGrad.apply(x, offset, slope)
 
 
 def whitening_metric(x: Tensor, num_groups: int) -> Tensor:
