@@ -329,6 +329,46 @@ def test_layers_of_one_shape_share_a_compiled_graph() -> None:
     assert compile_submodules(model, ["context.layers"]) == [f"context.layers.{i}" for i in range(5)]
 
 
+def test_compiled_layers_get_inputs_that_cuda_graphs_accept() -> None:
+    """With padded rows and chunked attention, no input of a compiled layer's forward or backward
+    graph fails Inductor's memory-overlap check, which turns CUDA graphs off for that graph
+    without a word. Strided views of the masks failed it: from the second frame rate on, Dynamo
+    traces their sizes and strides as symbols, and with an odd frame count (779 at 15.6 s) the
+    row stride is a symbol of its own. In the medium Zipformer only the first stack's layers then
+    ran as CUDA graphs."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._inductor.output_code import complex_memory_overlap
+
+    failing: list[tuple[str, tuple, tuple]] = []
+    graphs = {"forward": 0, "backward": 0}
+
+    def checking(kind: str):
+        def compiler(gm: torch.fx.GraphModule, example_inputs: list) -> object:
+            graphs[kind] += 1
+            failing.extend((kind, tuple(t.shape), t.stride()) for t in example_inputs
+                           if isinstance(t, torch.Tensor) and complex_memory_overlap(t))
+            return make_boxed_func(gm.forward)
+        return compiler
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    two_rates = dict(downsampling_factor=[1, 2], encoder_dim=[32, 48], num_encoder_layers=[1, 1],
+                     encoder_unmasked_dim=[24, 32], num_heads=[4, 4], query_head_dim=[8], value_head_dim=[6],
+                     pos_head_dim=[2], pos_dim=16, feedforward_dim=[64, 96], cnn_module_kernel=[7, 7])
+    model = Zipformer(ZipformerConfig(**two_rates, causal=True, chunk_size=[8], left_context_frames=[16])).train()
+    backend = aot_autograd(fw_compiler=checking("forward"), bw_compiler=checking("backward"))
+    for layer in model.layers:
+        layer.compile(backend=backend)
+    frames = 41  # odd: the half-rate mask's row stride (41) is not twice its length (21)
+    x = torch.randn(2, frames, 32, requires_grad=True)
+    padding_mask = torch.arange(frames) >= torch.tensor([frames, 30]).unsqueeze(1)
+    model(x, padding_mask).output.sum().backward()
+    assert graphs["forward"] == graphs["backward"] == 2  # the second, at half the rate, with symbolic shapes
+    assert failing == []
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
 def test_the_zipformer_model_traces_as_one_graph_that_updates_do_not_recompile() -> None:
     """Inside torch.compile the Zipformer's random choices, schedules and Whiten's comparison stay
     on the device: the model traces as the two graphs of the other context networks, and later

@@ -207,8 +207,11 @@ class DownsampledStack(nn.Module):
         context (streaming) then the frames of ``x``."""
         length, f = x.shape[1], self.factor
         y = self.downsample(x, None if padding_mask is None else padding_mask[:, padding_mask.shape[1] - length:])
-        y, states = self.encoder(y, None if padding_mask is None else padding_mask[:, ::f],
-                                 None if attn_mask is None else attn_mask[::f, ::f],
+        # Contiguous copies of the masks at this rate: a strided view reaches compiled layers with
+        # symbolic strides, for which Inductor cannot rule out memory overlap, so it would run
+        # them without CUDA graphs (and say nothing).
+        y, states = self.encoder(y, None if padding_mask is None else padding_mask[:, ::f].contiguous(),
+                                 None if attn_mask is None else attn_mask[::f, ::f].contiguous(),
                                  chunk_size // f if chunk_size > 0 else chunk_size, feature_mask, states)
         y = y.repeat_interleave(f, dim=1)[:, :length]
         return self.out_combiner(x, y), states
