@@ -26,6 +26,10 @@ is then Hugging Face's encoder (``--compare-hf``) or, for a Zipformer, the refer
 encoder (``--compare-reference``; PyPI ``zipformer`` 0.1.3, icefall's Zipformer2, the same sizes,
 time-major input as it expects, its schedules past warm-up).
 
+``--profile DIR`` runs 3 more steps of each model under ``torch.profiler`` after the timing and
+writes ``DIR/NAME.txt`` (the operators by self CPU time and by self device time, and how many CUDA
+graphs were launched) and ``DIR/NAME.trace.json.gz`` (a trace for Perfetto or chrome://tracing).
+
 ``--compile MODULE`` (repeatable) compiles parts of our model as ``trainer.compile`` does
 (``--compile model``: the whole model), in ``--compile-mode`` (``reduce-overhead``: CUDA graphs, a
 new step marked before each).
@@ -40,12 +44,13 @@ import platform
 import sys
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import torch
 from torch import nn
 
-sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
-sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from step_time import make_batch, step_arguments, time_steps  # the same audio and timing as bench/step_time.py
 
 from speechssl import Wav2Vec2Model, load_model_config
@@ -77,9 +82,30 @@ def count_flops(step: Callable[[], None], params: list[nn.Parameter]) -> float:
     return counter.get_total_flops()
 
 
+def profile(step: Callable[[], None], directory: Path, name: str, steps: int = 3) -> None:
+    """``steps`` calls of ``step`` under ``torch.profiler``: operator tables and a trace in ``directory``."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as profiler
+
+    directory.mkdir(parents=True, exist_ok=True)
+    torch.cuda.synchronize()
+    with profiler(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    events = prof.key_averages()
+    graph_launches = sum(e.count for e in events if e.key == "cudaGraphLaunch")
+    tables = [f"{steps} steps; cudaGraphLaunch calls: {graph_launches}",
+              "by self CPU time:", events.table(sort_by="self_cpu_time_total", row_limit=40),
+              "by self device time:", events.table(sort_by="self_device_time_total", row_limit=40)]
+    (directory / f"{name}.txt").write_text("\n".join(tables))
+    prof.export_chrome_trace(str(directory / f"{name}.trace.json.gz"))
+
+
 def measure(step: Callable[[], None], params: list[nn.Parameter], flops: float, args: argparse.Namespace,
-            audio_seconds: float, cuda_graphs: bool = False) -> dict:
-    """Time ``step`` (forward and backward) plus a fused AdamW update of ``params``."""
+            audio_seconds: float, name: str, cuda_graphs: bool = False) -> dict:
+    """Time ``step`` (forward and backward) plus a fused AdamW update of ``params``; profile it
+    with ``--profile``."""
     optimizer = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.01, fused=True)
 
     def full() -> None:
@@ -96,6 +122,8 @@ def measure(step: Callable[[], None], params: list[nn.Parameter], flops: float, 
     print(f"first step (compilation included): {first_step:.1f} s", file=sys.stderr, flush=True)
     ms = time_steps(full, args.warmup, args.steps, args.warmup_seconds)
     peak = torch.cuda.max_memory_allocated() / 2**30
+    if args.profile is not None:
+        profile(full, args.profile, name)
     return {"ms_per_step": round(ms, 1), "audio_seconds_per_second": round(audio_seconds / (ms / 1000), 1),
             "tflops_per_second": round(flops / (ms / 1000) / 1e12, 1), "tflop_per_step": round(flops / 1e12, 2),
             "peak_memory_gib": round(peak, 2),
@@ -124,6 +152,8 @@ def main() -> None:
                         help="a submodule of ours to torch.compile, as trainer.compile (e.g. context.layers); "
                              "repeat for more; 'model' is the whole model")
     parser.add_argument("--compile-mode", default=None, help="torch.compile's mode (default: its default)")
+    parser.add_argument("--profile", type=Path, default=None, metavar="DIR",
+                        help="after timing, profile 3 steps of each model into DIR")
     parser.add_argument("overrides", nargs="*", help="dotted model config overrides")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -167,7 +197,7 @@ def main() -> None:
         flops = count_flops(ours, params)
     compiled = compile_submodules(model, args.compile, args.compile_mode)
     cuda_graphs = bool(compiled) and args.compile_mode == "reduce-overhead"
-    results = {"ours": measure(ours, params, flops, args, audio_seconds, cuda_graphs)}
+    results = {"ours": measure(ours, params, flops, args, audio_seconds, "ours", cuda_graphs)}
     model.cpu()  # its GPU memory back before the reference runs
     torch.cuda.empty_cache()
 
@@ -214,7 +244,7 @@ def main() -> None:
     if reference is not None:
         params = list(reference.parameters())
         name = "reference" if args.compare_reference else "huggingface"
-        results[name] = measure(theirs, params, count_flops(theirs, params), args, audio_seconds)
+        results[name] = measure(theirs, params, count_flops(theirs, params), args, audio_seconds, name)
         results["speedup"] = round(results[name]["ms_per_step"] / results["ours"]["ms_per_step"], 2)
     versions = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "python": platform.python_version(),
                 **({"transformers": __import__("transformers").__version__} if hf is not None else {})}
