@@ -207,11 +207,11 @@ class DownsampledStack(nn.Module):
         context (streaming) then the frames of ``x``."""
         length, f = x.shape[1], self.factor
         y = self.downsample(x, None if padding_mask is None else padding_mask[:, padding_mask.shape[1] - length:])
-        # Contiguous copies of the masks at this rate: a strided view reaches compiled layers with
-        # symbolic strides, for which Inductor cannot rule out memory overlap, so it would run
-        # them without CUDA graphs (and say nothing).
+        # A contiguous copy of the padding mask at this rate: when f does not divide the frame count
+        # T, the view [:, ::f] has a row stride (T) below f * ceil(T / f), Inductor's overlap check
+        # flags it, and Inductor runs a compiled layer that takes it without CUDA graphs, silently.
         y, states = self.encoder(y, None if padding_mask is None else padding_mask[:, ::f].contiguous(),
-                                 None if attn_mask is None else attn_mask[::f, ::f].contiguous(),
+                                 None if attn_mask is None else attn_mask[::f, ::f],
                                  chunk_size // f if chunk_size > 0 else chunk_size, feature_mask, states)
         y = y.repeat_interleave(f, dim=1)[:, :length]
         return self.out_combiner(x, y), states
