@@ -28,7 +28,8 @@ time-major input as it expects, its schedules past warm-up).
 
 ``--profile DIR`` runs 3 more steps of each model under ``torch.profiler`` after the timing and
 writes ``DIR/NAME.txt`` (the operators by self CPU time and by self device time, and how many CUDA
-graphs were launched) and ``DIR/NAME.trace.json.gz`` (a trace for Perfetto or chrome://tracing).
+graphs were launched) and ``DIR/NAME.trace.json.gz`` (a trace for Perfetto or chrome://tracing),
+NAME being ``ours``, ``reference`` or ``huggingface``: give each run a DIR of its own.
 
 ``--compile MODULE`` (repeatable) compiles parts of our model as ``trainer.compile`` does
 (``--compile model``: the whole model), in ``--compile-mode`` (``reduce-overhead``: CUDA graphs, a
