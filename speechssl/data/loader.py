@@ -98,11 +98,11 @@ class AudioBatch(NamedTuple):
 
 def worker_context(start: str) -> multiprocessing.context.BaseContext | None:
     """How loader workers start (``DataConfig.worker_start``): None for the platform's default
-    (on Linux before Python 3.14, a fork of this process), or a fork server. Forking the training process copies its
-    page tables while the training loop waits, once per epoch: about half a second for 4 workers
-    of a process that holds 8 GiB, against 70 ms for a small one, and the GPU idles meanwhile. The
-    fork server is started once, with the main module and this one imported, and forks small
-    workers, each sent only the dataset."""
+    (on Linux before Python 3.14, a fork of this process), or a fork server. Forking the training
+    process copies its page tables while the training loop waits, once per epoch: about half a
+    second for 4 workers of a process that holds 8 GiB, against 70 ms for a small one, and the GPU
+    idles meanwhile. The fork server is started once, with the main module and this one imported,
+    and forks small workers, each sent only the dataset."""
     if start == "default":
         return None
     context = multiprocessing.get_context("forkserver")
