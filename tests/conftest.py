@@ -13,6 +13,25 @@ from speechssl import ModelConfig, Wav2Vec2Model, load_model_config
 REPO = Path(__file__).resolve().parent.parent
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--slow", action="store_true",
+                     help="also run the slow tier (multi-process jobs, end-to-end training, compilation): CI runs it")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "slow: a long test (minutes on 2 cores); runs with --slow, as in CI")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Without --slow, the slow tier is deselected (reported in the summary), not skipped."""
+    if config.getoption("--slow"):
+        return
+    slow = [item for item in items if item.get_closest_marker("slow")]
+    if slow:
+        config.hook.pytest_deselected(items=slow)
+        items[:] = [item for item in items if not item.get_closest_marker("slow")]
+
+
 def deepspeed_launcher(ranks: int) -> list[str]:
     """``deepspeed --num_gpus RANKS --master_port FREE --module``: the launcher of this environment,
     on a free port; append the job's module and arguments."""

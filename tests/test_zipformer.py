@@ -329,6 +329,7 @@ def test_layers_of_one_shape_share_a_compiled_graph() -> None:
     assert compile_submodules(model, ["context.layers"]) == [f"context.layers.{i}" for i in range(5)]
 
 
+@pytest.mark.slow
 def test_compiled_layers_get_inputs_that_cuda_graphs_accept() -> None:
     """With padded rows and chunked attention, no input of a compiled layer's forward or backward
     graph fails Inductor's memory-overlap check, which turns CUDA graphs off for that graph
