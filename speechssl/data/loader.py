@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from speechssl.config import check
 from speechssl.data.audio import decode_audio, normalize_audio
+from speechssl.data.augment import AugmentConfig, Augmenter, change_speed, draw_speeds, speed_length
 from speechssl.data.plan import EpochPlan, Item, plan_epoch, round_robin
 from speechssl.data.shardset import ShardSet
 
@@ -52,7 +53,9 @@ class DataConfig:
     platform's start method: on Linux before Python 3.14, a fork of this process) or
     ``forkserver`` (forked from a small server process started once: an epoch's start no longer
     copies the page tables of a large training process; the main module is imported again there,
-    so a script needs ``if __name__ == "__main__":``, as with ``spawn``). seed: shuffling, cropping."""
+    so a script needs ``if __name__ == "__main__":``, as with ``spawn``). seed: shuffling, cropping,
+    augmentation. augment: speed perturbation, gain and additive noise of training batches
+    (:mod:`speechssl.data.augment`); validation and evaluation never augment."""
 
     shards: list[str] = field(default_factory=list)
     weights: Optional[list[float]] = None  # noqa: UP045  (OmegaConf needs typing.Optional)
@@ -67,6 +70,7 @@ class DataConfig:
     num_workers: int = 2
     worker_start: str = "default"
     seed: int = 1
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def __post_init__(self) -> None:
         check(self.max_tokens > 0, "data.max_tokens", "must be > 0")
@@ -126,6 +130,9 @@ class ShardStream(IterableDataset):
         self.rank, self.world_size = rank, world_size
         self.epoch = 0
         self.skip = 0  # global batches of this epoch already consumed (resume)
+        augment = config.augment if train and config.augment.active else None
+        self.augment = augment
+        self.augmenter = Augmenter(augment, config.seed, shardset.sample_rate) if augment else None
 
     @property
     def workers(self) -> int:
@@ -133,10 +140,15 @@ class ShardStream(IterableDataset):
 
     def plan(self) -> EpochPlan:
         c = self.config
+        speeds_of = None
+        if self.augment is not None and self.augment.speed:
+            def speeds_of(shard: int, count: int, epoch: int = self.epoch) -> list[float]:
+                return draw_speeds(self.augment.speed, c.seed, epoch, shard, count)
         return plan_epoch(self.shardset, self.epoch, seed=c.seed, train=self.train, world_size=self.world_size,
                           workers=self.workers, max_tokens=c.max_tokens, max_sample_size=c.max_sample_size,
                           min_sample_size=c.min_sample_size, shuffle_buffer=c.shuffle_buffer,
-                          crop_to_shortest=c.crop_to_shortest, max_batch_size=c.max_batch_size, crop=c.crop)
+                          crop_to_shortest=c.crop_to_shortest, max_batch_size=c.max_batch_size, crop=c.crop,
+                          speeds_of=speeds_of)
 
     def __iter__(self) -> Iterator[AudioBatch]:
         info = get_worker_info()
@@ -211,7 +223,7 @@ class ShardStream(IterableDataset):
                 continue
             flac, meta, path = entry
             try:
-                audio = self._decode(flac, it)
+                audio = self._decode(flac, it, plan.epoch)
             except (sf.LibsndfileError, RuntimeError, ValueError) as e:
                 log.warning("skipping corrupt sample %s in %s: %s", key, path, e)
                 skipped.append([key, f"undecodable: {e}"])
@@ -224,15 +236,18 @@ class ShardStream(IterableDataset):
             batch[i, : len(w)] = torch.from_numpy(w)
         return AudioBatch(batch, lengths, {"samples": metas, "skipped": skipped})
 
-    def _decode(self, flac: bytes, item: Item) -> np.ndarray:
+    def _decode(self, flac: bytes, item: Item, epoch: int) -> np.ndarray:
         audio, rate = decode_audio(flac)
         if rate != self.shardset.sample_rate:
             raise ValueError(f"sample rate {rate}, the index says {self.shardset.sample_rate}")
         if not np.isfinite(audio).all():
             raise ValueError("NaN or Inf samples")
+        audio = change_speed(audio, item.speed, rate)
         if item.start + item.length > len(audio):
             raise ValueError(f"{len(audio)} samples, the index says at least {item.start + item.length}")
         audio = audio[item.start: item.start + item.length]
+        if self.augmenter is not None:
+            audio = self.augmenter(audio, epoch, item.shard, item.position)
         if self.config.normalize:
             audio = normalize_audio(audio)
         return audio
@@ -294,8 +309,8 @@ class AudioLoader:
             return
         self._warned_crop = True
         items = [it for slot in plan.slots for batch in slot.batches for it in batch]
-        whole = sum(min(plan.shards[it.shard].lengths[it.position], self.stream.config.max_sample_size)
-                    for it in items)
+        whole = sum(min(speed_length(plan.shards[it.shard].lengths[it.position], it.speed),
+                        self.stream.config.max_sample_size) for it in items)
         kept = sum(it.length for it in items) / max(whole, 1)
         if kept < 0.8:
             log.warning("crop_to_shortest keeps %.0f%% of the audio of epoch %d: each of the %d loader slots "

@@ -15,21 +15,25 @@ shuffle, no crop, no drop.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from speechssl.data.augment import speed_length
 from speechssl.data.shardset import Shard, ShardSet
 
 
 @dataclass(frozen=True)
 class Item:
-    """Sample ``position`` of epoch shard ``shard``, read from ``start`` for ``length`` samples."""
+    """Sample ``position`` of epoch shard ``shard``, played ``speed`` times as fast (speed
+    perturbation), then read from ``start`` for ``length`` samples of the perturbed audio."""
 
     shard: int
     position: int
     start: int
     length: int
+    speed: float = 1.0
 
 
 @dataclass
@@ -82,13 +86,20 @@ def deal(shards: list[Shard], world_size: int, workers: int) -> list[list[int]]:
 
 def plan_slot(shards: list[Shard], shard_ids: list[int], *, train: bool, max_tokens: int, max_sample_size: int,
               min_sample_size: int, shuffle_buffer: int, crop_to_shortest: bool, max_batch_size: int,
-              rng: np.random.Generator, crop: bool = True) -> SlotPlan:
+              rng: np.random.Generator, crop: bool = True,
+              speeds_of: Callable[[int, int], list[float]] | None = None) -> SlotPlan:
     """``crop``: training samples longer than ``max_sample_size`` are randomly cropped to it;
-    without (labelled data), they are dropped and counted."""
+    without (labelled data), they are dropped and counted. ``speeds_of(shard, count)``: the speed
+    perturbation of each training sample of a shard (lengths, limits and crops are those after it)."""
     plan = SlotPlan(list(shard_ids))
     stream = []
+    speeds: dict[tuple[int, int], float] = {}
     for sid in shard_ids:
+        factors = speeds_of(sid, len(shards[sid].lengths)) if train and speeds_of is not None else None
         for pos, length in enumerate(shards[sid].lengths):
+            if factors is not None:
+                speeds[sid, pos] = factors[pos]
+                length = speed_length(length, factors[pos])
             if train and length < min_sample_size:
                 plan.dropped_short += 1
                 continue
@@ -124,7 +135,7 @@ def plan_slot(shards: list[Shard], shard_ids: list[int], *, train: bool, max_tok
                 sid, pos, length = window[i]
                 size = width if width is not None else sizes[i]
                 start = int(rng.integers(0, length - size + 1)) if train and size < length else 0
-                items.append(Item(sid, pos, start, size))
+                items.append(Item(sid, pos, start, size, speeds.get((sid, pos), 1.0)))
             plan.batches.append(items)
             plan.window_ends.append(last)
     return plan
@@ -147,6 +158,7 @@ def round_robin(capacities: list[int], total: int) -> tuple[list[int], int]:
 
 @dataclass
 class EpochPlan:
+    epoch: int
     shards: list[Shard]
     slots: list[SlotPlan]             # index rank * workers + worker
     quotas: list[int]                 # batches each slot yields
@@ -158,7 +170,9 @@ class EpochPlan:
 
 def plan_epoch(shardset: ShardSet, epoch: int, *, seed: int, train: bool, world_size: int, workers: int,
                max_tokens: int, max_sample_size: int, min_sample_size: int, shuffle_buffer: int,
-               crop_to_shortest: bool, max_batch_size: int, crop: bool = True) -> EpochPlan:
+               crop_to_shortest: bool, max_batch_size: int, crop: bool = True,
+               speeds_of: Callable[[int, int], list[float]] | None = None) -> EpochPlan:
+    """``speeds_of(shard, count)``: the speed perturbation of the training samples of an epoch shard."""
     shards = epoch_shards(shardset, epoch, seed, shuffle=train)
     slots = []
     for slot, ids in enumerate(deal(shards, world_size, workers)):
@@ -166,7 +180,7 @@ def plan_epoch(shardset: ShardSet, epoch: int, *, seed: int, train: bool, world_
         slots.append(plan_slot(shards, ids, train=train, max_tokens=max_tokens, max_sample_size=max_sample_size,
                                min_sample_size=min_sample_size, shuffle_buffer=shuffle_buffer,
                                crop_to_shortest=crop_to_shortest, max_batch_size=max_batch_size, rng=rng,
-                               crop=crop))
+                               crop=crop, speeds_of=speeds_of))
     counts = [[len(slots[r * workers + w].batches) for w in range(workers)] for r in range(world_size)]
     totals = [sum(c) for c in counts]
     if train and min(totals) == 0:
@@ -178,7 +192,7 @@ def plan_epoch(shardset: ShardSet, epoch: int, *, seed: int, train: bool, world_
     for r in range(world_size):
         quotas.extend(round_robin(counts[r], per_rank)[0] if train else counts[r])
     return EpochPlan(
-        shards=shards, slots=slots, quotas=quotas,
+        epoch=epoch, shards=shards, slots=slots, quotas=quotas,
         batches_per_rank=per_rank if per_rank is not None else max(totals),
         dropped_short=sum(s.dropped_short for s in slots),
         dropped_long=sum(s.dropped_long for s in slots),
