@@ -1,11 +1,14 @@
-"""Transcription and evaluation with a fine-tuned CTC model (greedy decoding).
+"""Transcription and evaluation with a fine-tuned CTC model: greedy or beam search, with a lexicon
+and an n-gram LM.
 
-    python -m finetune transcribe MODEL AUDIO... [--output hyps.tsv]
-    python -m finetune evaluate MODEL DATA [--output DIR]
+    python -m finetune transcribe MODEL AUDIO... [--output hyps.tsv] [--decoder beam --lm LM_DIR]
+    python -m finetune evaluate MODEL DATA [--output DIR] [--decoder beam --lm LM_DIR]
 
 AUDIO and DATA are audio files, directories (recursive, or a LibriSpeech tree), manifests (TSV,
 JSONL, fairseq) or shard directories. Audio is resampled to the model's 16 kHz. Files that cannot
 be read are skipped, counted and listed with their reason on stderr; evaluation needs transcripts.
+``--lm`` is a folder from ``python -m finetune build-lm`` (its tuned weights from ``tune-lm`` are
+used unless ``--lm-weight``/``--word-score`` are given) or an ARPA file.
 """
 
 from __future__ import annotations
@@ -14,25 +17,25 @@ import argparse
 import json
 import sys
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
+from torch import Tensor
 
 from speechssl.data.audio import normalize_audio
 from speechssl.data.inputs import Utterance, batches, read_utterances
 
+Decoder = Callable[[Tensor, Tensor], list[str]]  # (log_probs (B, T, V), frames (B,)) -> texts
+
 
 @torch.no_grad()
-def transcribe(model, utterances: Iterator[Utterance], device: torch.device,
-               max_seconds: float = 300.0) -> Iterator[tuple[Utterance, str]]:
-    """``(utterance, hypothesis)`` for every utterance, batched by padded audio length."""
-    from finetune.decoding import greedy_decode
-    from finetune.tokenizer import tokenizer_from_dict
-
-    tokenizer = tokenizer_from_dict(model.tokenizer)
+def emissions(model, utterances: Iterator[Utterance], device: torch.device,
+              max_seconds: float = 300.0) -> Iterator[tuple[list[Utterance], Tensor, Tensor]]:
+    """Batches of ``(utterances, log_probs (B, T, V) float32 on the CPU, frames (B,))``, batched by
+    padded audio length. Each utterance's output does not depend on what it is batched with."""
     model.eval().to(device)
-    model.extract_per_utterance = True  # transcripts that do not depend on the batching
+    model.extract_per_utterance = True
     for batch in batches(utterances, max_seconds):
         lengths = torch.tensor([len(u.audio) for u in batch])
         waves = torch.zeros(len(batch), int(lengths.max()))
@@ -40,11 +43,26 @@ def transcribe(model, utterances: Iterator[Utterance], device: torch.device,
             # as in training (data.normalize)
             waves[i, : len(u.audio)] = torch.from_numpy(normalize_audio(u.audio) if model.normalize_audio else u.audio)
         logits, frames = model(waves.to(device), lengths)
-        for utt, ids in zip(batch, greedy_decode(logits, frames, model.blank), strict=True):
-            yield utt, tokenizer.decode(ids)
+        yield batch, logits.float().log_softmax(-1).cpu(), frames.cpu()
 
 
-def _load(path: str, device: str):
+def greedy_decoder(tokenizer, blank: int) -> Decoder:
+    from finetune.decoding import greedy_decode
+
+    return lambda log_probs, frames: [tokenizer.decode(ids) for ids in greedy_decode(log_probs, frames, blank)]
+
+
+def transcribe(model, utterances: Iterator[Utterance], device: torch.device, max_seconds: float = 300.0,
+               decoder: Decoder | None = None) -> Iterator[tuple[Utterance, str]]:
+    """``(utterance, hypothesis)`` for every utterance; greedy decoding unless ``decoder``."""
+    from finetune.tokenizer import tokenizer_from_dict
+
+    decoder = decoder or greedy_decoder(tokenizer_from_dict(model.tokenizer), model.blank)
+    for batch, log_probs, frames in emissions(model, utterances, device, max_seconds):
+        yield from zip(batch, decoder(log_probs, frames), strict=True)
+
+
+def load_model(path: str, device: str):
     from speechssl.models.ctc import load_ctc_model
 
     model = load_ctc_model(path)
@@ -53,6 +71,49 @@ def _load(path: str, device: str):
     chosen = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                           ("cpu" if device == "auto" else device))
     return model, chosen
+
+
+def add_decoder_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--decoder", choices=("greedy", "beam"), default=None,
+                        help="greedy (the default without --lm) or beam (the default with --lm)")
+    parser.add_argument("--lm", help="a build-lm folder (lm.arpa, lexicon.txt, tuned decoding.json) or an ARPA file")
+    parser.add_argument("--lexicon", help="WORD<TAB>tokens per line (default: the LM folder's, or the LM's "
+                                          "words spelled with the model's tokenizer)")
+    parser.add_argument("--beam", type=int, default=None, help="beam size (default 50)")
+    parser.add_argument("--beam-threshold", type=float, default=None, help="pruning margin (default 50)")
+    parser.add_argument("--lm-weight", type=float, default=None, help="LM weight (default: tuned, else 2)")
+    parser.add_argument("--word-score", type=float, default=None, help="score per word (default: tuned, else 0)")
+
+
+def make_decoder(args: argparse.Namespace, tokenizer, blank: int) -> tuple[Decoder, dict]:
+    """The decoder the options ask for, and its settings (to report with the scores)."""
+    from finetune.beam import BeamDecoder, DecoderSettings, LanguageModel
+
+    kind = args.decoder or ("beam" if args.lm else "greedy")
+    if kind == "greedy":
+        if args.lm or args.lexicon:
+            raise ValueError("--lm and --lexicon need --decoder beam")
+        return greedy_decoder(tokenizer, blank), {"decoder": "greedy"}
+    if args.lexicon and not args.lm:
+        raise ValueError("--lexicon needs --lm (a lexicon-free beam search uses no lexicon)")
+    lm = LanguageModel.load(args.lm, args.lexicon) if args.lm else None
+    tuned = (lm.settings or {}) if lm else {}
+    fields = ("beam", "beam_threshold", "lm_weight", "word_score")
+    chosen = {f: getattr(args, f) if getattr(args, f) is not None else tuned.get(f) for f in fields}
+    settings = DecoderSettings(**{k: v for k, v in chosen.items() if v is not None})
+    decoder = BeamDecoder(tokenizer, lm, settings)
+    return decoder, {"decoder": "beam", "lm": args.lm, **decoder.to_dict()}
+
+
+def score(tokenizer, rows: list[tuple[str, str, str]]) -> tuple[dict, list[str]]:
+    """WER and CER of ``(id, text, hypothesis)`` rows; the references in the model's case and spacing."""
+    from finetune.decoding import error_counts
+
+    references = [tokenizer.decode(tokenizer.encode(text)) for _, text, _ in rows]
+    counts = error_counts(references, [h for _, _, h in rows])
+    rates = {"wer": counts["word_errors"] / max(counts["words"], 1),
+             "cer": counts["char_errors"] / max(counts["chars"], 1)}
+    return {**rates, "utterances": len(rows), **counts}, references
 
 
 def main(argv: list[str]) -> int:
@@ -70,12 +131,15 @@ def main(argv: list[str]) -> int:
     for p in (t, e):
         p.add_argument("--device", default="auto", help="auto, cpu or cuda")
         p.add_argument("--batch-seconds", type=float, default=300.0, help="padded audio per batch")
+        add_decoder_options(p)
     args = parser.parse_args(argv)
-    from finetune.decoding import error_counts
+    from finetune.tokenizer import tokenizer_from_dict
 
     try:
-        model, device = _load(args.model, args.device)
-    except (FileNotFoundError, ValueError) as err:
+        model, device = load_model(args.model, args.device)
+        tokenizer = tokenizer_from_dict(model.tokenizer)
+        decoder, settings = make_decoder(args, tokenizer, model.blank)
+    except (FileNotFoundError, ValueError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     skipped: Counter = Counter()
@@ -83,7 +147,8 @@ def main(argv: list[str]) -> int:
     rows = []
     out = open(args.output, "w") if args.command == "transcribe" and args.output else sys.stdout  # noqa: SIM115
     try:
-        for utt, hypothesis in transcribe(model, read_utterances(inputs, skipped), device, args.batch_seconds):
+        for utt, hypothesis in transcribe(model, read_utterances(inputs, skipped), device, args.batch_seconds,
+                                          decoder):
             if args.command == "transcribe":
                 print(f"{utt.id}\t{hypothesis}", file=out, flush=True)
             else:
@@ -98,14 +163,8 @@ def main(argv: list[str]) -> int:
         print(f"skipped {sum(skipped.values())} unreadable input(s): {dict(skipped)}", file=sys.stderr)
     if args.command == "transcribe":
         return 0
-    from finetune.tokenizer import tokenizer_from_dict
-
-    tokenizer = tokenizer_from_dict(model.tokenizer)
-    references = [tokenizer.decode(tokenizer.encode(text)) for _, text, _ in rows]  # the model's case and spacing
-    counts = error_counts(references, [h for _, _, h in rows])
-    scores = {"wer": counts["word_errors"] / max(counts["words"], 1),
-              "cer": counts["char_errors"] / max(counts["chars"], 1),
-              "utterances": len(rows), "skipped": dict(skipped), **counts}
+    scores, references = score(tokenizer, rows)
+    scores = {**scores, "skipped": dict(skipped), **settings}
     print(json.dumps(scores))
     if args.output:
         folder = Path(args.output)
