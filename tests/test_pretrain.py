@@ -116,6 +116,31 @@ def test_resume_continues_the_uninterrupted_run(shards: Path, tmp_path: Path) ->
     assert report.returncode == 0 and (tmp_path / "a" / "report.png").stat().st_size > 10_000
 
 
+def test_augmented_pretraining_resumes_exactly_and_keeps_models_to_average(shards: Path, tmp_path: Path) -> None:
+    """Speed perturbation and gain in the job: a stopped and resumed run gives the losses of an
+    uninterrupted one; trainer.average_models keeps the last validated models and averages them."""
+    augment = ["data.augment.speed=[0.9,1.0,1.1]", "data.augment.gain_db=[-6,6]", "trainer.average_models=2",
+               "trainer.average_by=last", "trainer.validate_every=2"]
+    straight = _run([*_args(shards, tmp_path / "a"), *augment])
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    first = _run([*_args(shards, tmp_path / "b", stop_at=3), *augment])
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = _run([*_args(shards, tmp_path / "b"), *augment])
+    assert second.returncode == 0 and "resumed from" in second.stderr, second.stderr[-3000:]
+    a, b = _metrics(tmp_path / "a"), _metrics(tmp_path / "b")
+    assert [a[u]["loss"] for u in range(1, 7)] == [b[u]["loss"] for u in range(1, 7)]
+    plain = _run(_args(shards, tmp_path / "c", max_updates=1))
+    assert plain.returncode == 0 and _metrics(tmp_path / "c")[1]["loss"] != a[1]["loss"]  # the audio differs
+    kept = sorted(p.name for p in (tmp_path / "a" / "validated").glob("*.pt"))
+    assert kept == ["update_00000004.pt", "update_00000006.pt"]
+    averaged = torch.load(tmp_path / "a" / "averaged.pt", weights_only=True)
+    files = [torch.load(tmp_path / "a" / "validated" / name, weights_only=True)["state_dict"] for name in kept]
+    for key, value in averaged["state_dict"].items():
+        if value.is_floating_point():
+            torch.testing.assert_close(value, (files[0][key] + files[1][key]) / 2)
+    assert load_model(tmp_path / "a" / "averaged.pt").config.context.num_layers == 2
+
+
 def test_max_minutes_ends_the_run_with_a_checkpoint_and_the_model(shards: Path, tmp_path: Path) -> None:
     out = _run(_args(shards, tmp_path / "t", max_minutes=1e-6, validate_every=100, checkpoint_every=100))
     assert out.returncode == 0, out.stderr[-3000:]
@@ -185,6 +210,7 @@ def test_the_job_pretrains_other_context_networks(shards: Path, tmp_path: Path, 
     assert sorted(_metrics(out)) == [1, 2, 3]
 
 
+@pytest.mark.slow
 def test_the_job_trains_the_whole_model_compiled(shards: Path, tmp_path: Path) -> None:
     out = tmp_path / "compiled"
     args = _args(shards, out, max_updates=3, checkpoint_every=0, **{"compile": "[model]",

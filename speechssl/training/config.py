@@ -62,6 +62,10 @@ class TrainerConfig:
     of one length (``data.min_sample_size`` = ``data.max_sample_size``). Zipformer layers share
     one function, compiled once per stack width and frame rate (5 graphs for the medium model),
     so a second batch shape or validation batches can reach that limit.
+    average_models: keep the models of this many validations and write their average to
+    ``averaged.pt`` at the end (0: off; ESPnet's ``nbest`` averaging, icefall's ``--avg``);
+    average_by: ``best`` (the best by the task's validation metric: WER for CTC, the loss for
+    pretraining) or ``last`` (the last validations). See :mod:`speechssl.training.averaging`.
     compile_mode: ``torch.compile``'s mode: null (its default), ``reduce-overhead`` (replays CUDA
     graphs: the host no longer launches each kernel; one graph is recorded per batch shape, so it
     pays where batch shapes repeat, such as crops of a fixed length), ``max-autotune`` or
@@ -101,6 +105,8 @@ class TrainerConfig:
     record_samples: bool = False
     compile: list[str] = field(default_factory=list)
     compile_mode: str | None = None
+    average_models: int = 0
+    average_by: str = "best"
 
     def __post_init__(self) -> None:
         check(self.max_updates >= 1, "trainer.max_updates", "must be >= 1")
@@ -127,6 +133,11 @@ class TrainerConfig:
         check(self.device in ("auto", "cpu", "cuda"), "trainer.device", "must be auto, cpu or cuda")
         check(self.stop_at >= 0, "trainer.stop_at", "must be >= 0")
         check(self.max_minutes >= 0, "trainer.max_minutes", "must be >= 0")
+        check(self.average_models >= 0, "trainer.average_models", "must be >= 0")
+        check(self.average_by in ("best", "last"), "trainer.average_by",
+              f"must be best or last, got {self.average_by!r}")
+        check(not self.average_models or self.validate_every > 0, "trainer.average_models",
+              "averages validated models: set trainer.validate_every (and validation shards)")
 
 
 def _find(path: str) -> Path:

@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from speechssl.data.loader import AudioBatch, AudioLoader
 from speechssl.training import checkpoint
+from speechssl.training.averaging import ValidatedModels, average_files
 from speechssl.training.compilation import compile_submodules
 from speechssl.training.config import TrainerConfig, deepspeed_config, precision
 from speechssl.training.distributed import all_reduce_sum, barrier, init_distributed, pick_device
@@ -104,6 +105,8 @@ class Trainer:
         self._skipped_pending: Tensor | None = None  # skipped on the device, not yet added to `skipped`
         self.writer = None
         self._grad_norm: Tensor | None = None  # of the last update, where the trainer measures it
+        self.validated = (ValidatedModels(self.output / "validated", config.average_models, config.average_by)
+                          if config.average_models and self.rank == 0 else None)
 
     # ------------------------------------------------------------------ set-up
 
@@ -184,6 +187,8 @@ class Trainer:
             checkpoint.set_rng_state(state["rng"])
             self.skipped = state.get("skipped", 0)
         self._truncate_metrics()
+        if self.validated is not None:
+            self.validated.forget_after(self.update)
         if self.rank == 0:
             log.info("resumed from %s at update %d", folder, self.update)
 
@@ -351,8 +356,22 @@ class Trainer:
         record = self.output / "best.json"
         best = json.loads(record.read_text())[name] if record.is_file() else math.inf
         if metrics[name] < best:
-            self.task.export(self.engine.module, self.output / "best.pt")
+            self._export(self.output / "best.pt")
             record.write_text(json.dumps({"update": self.update, name: metrics[name]}) + "\n")
+
+    def _keep_for_average(self, metrics: dict[str, float]) -> None:
+        """Export the model into the set of validated models to average, if it makes the set."""
+        if self.validated is None:
+            return
+        metric = metrics.get(getattr(self.task, "best_metric", None) or "loss", metrics["loss"])
+        self.validated.add(self.update, metric, self._export)
+
+    def _export(self, path: Path) -> None:
+        """The task's model file, without touching the RNG that training goes on with (a task may
+        build a fresh model to export, which draws initial weights)."""
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            self.task.export(self.engine.module, path)
 
     def _save(self) -> Path:
         state = {"loader": self.train_loader.state_dict(), "rng": checkpoint.rng_state(),
@@ -417,6 +436,7 @@ class Trainer:
                 if last_valid is not None:
                     self._log("valid", last_valid)
                     self._keep_best(last_valid)
+                    self._keep_for_average(last_valid)
             if (cfg.checkpoint_every and self.update % cfg.checkpoint_every == 0) or done:
                 ckpt = self._save()
             bar.update(1)
@@ -427,6 +447,10 @@ class Trainer:
         model_path = self.output / "model.pt"
         if self.rank == 0 and (self.update >= cfg.max_updates or out_of_time):
             self.task.export(self.engine.module, model_path)
+            if self.validated is not None and self.validated.entries:
+                average_files(self.validated.paths(), self.output / "averaged.pt")
+                log.info("averaged.pt: the average of %d validated models (%s)", len(self.validated.entries),
+                         ", ".join(p.name for p in self.validated.paths()))
             if self.writer is not None:
                 self.writer.close()
         barrier()
