@@ -2,12 +2,17 @@
 
     python -m finetune --config configs/finetune/tiny.yaml pretrained=runs/tiny [dotted.key=value ...]
     deepspeed --num_gpus 8 --module finetune --config configs/finetune/tiny.yaml pretrained=runs/base
-    python -m finetune transcribe MODEL AUDIO... [--output hyps.tsv]
-    python -m finetune evaluate MODEL DATA [--output DIR]
+    python -m finetune transcribe MODEL AUDIO... [--output hyps.tsv] [--decoder beam --lm LM_DIR]
+    python -m finetune evaluate MODEL DATA [--output DIR] [--decoder beam --lm LM_DIR]
+    python -m finetune build-lm TRANSCRIPTS... --output LM_DIR [--order 4]
+    python -m finetune tune-lm MODEL DEV --lm LM_DIR
+    python -m finetune average MODEL... --output averaged.pt  (or RUN_DIR --best N / --last N)
 
-``pretrained`` is a pretraining run folder, a model file (``Wav2Vec2Model.save``), or
-``hf:NAME_OR_PATH``. The run folder gets ``model.pt`` (the last model), ``best.pt`` (the best by
-validation WER) with ``best.json``, checkpoints and logs, as pretraining does.
+``pretrained`` is a pretraining run folder, a model file (``Wav2Vec2Model.save``),
+``hf:NAME_OR_PATH``, or ``scratch:MODEL_CONFIG`` (a random initialisation: training from scratch).
+The run folder gets ``model.pt`` (the last model), ``best.pt`` (the best by validation WER) with
+``best.json``, ``averaged.pt`` with ``trainer.average_models``, checkpoints and logs, as
+pretraining does.
 """
 
 from __future__ import annotations
@@ -20,10 +25,18 @@ from pathlib import Path
 from speechssl.config import ConfigError, build
 
 
-def load_pretrained(source: str):
-    """The pretrained speech encoder named by ``pretrained``."""
+def load_pretrained(source: str, seed: int = 1):
+    """The pretrained speech encoder named by ``pretrained``; ``scratch:MODEL_CONFIG`` is a random
+    initialisation of that architecture (drawn with ``seed``), for from-scratch baselines."""
     from speechssl import load_model
 
+    if source.startswith("scratch:"):
+        import torch
+
+        from speechssl import Wav2Vec2Model, load_model_config
+
+        torch.manual_seed(seed)
+        return Wav2Vec2Model(load_model_config(source[len("scratch:"):]))
     if source.startswith("hf:"):
         from transformers import AutoModel
 
@@ -95,6 +108,14 @@ def main(argv: list[str] | None = None) -> int:
         from finetune.transcribe import main as transcribe_main
 
         return transcribe_main(argv)
+    if argv and argv[0] in ("build-lm", "tune-lm"):
+        from finetune.lm import main as lm_main
+
+        return lm_main(argv)
+    if argv and argv[0] == "average":
+        from speechssl.training.averaging import main as average_main
+
+        return average_main(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m finetune", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="YAML of a FinetuneConfig (configs/finetune/*.yaml)")
@@ -103,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         config = load_config(args.config, args.overrides)
-        encoder = load_pretrained(config.pretrained)  # fails before any process group is set up
+        encoder = load_pretrained(config.pretrained, config.trainer.seed)  # before any process group is set up
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2

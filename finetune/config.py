@@ -43,7 +43,8 @@ def _labelled_data() -> DataConfig:
 class FinetuneConfig:
     """pretrained: a pretraining run folder (its ``model.pt``), a model file written by
     ``Wav2Vec2Model.save`` (also one imported from torchaudio or Hugging Face and saved), or
-    ``hf:NAME_OR_PATH`` (a Hugging Face ``Wav2Vec2Model``/``Wav2Vec2ForPreTraining`` checkpoint).
+    ``hf:NAME_OR_PATH`` (a Hugging Face ``Wav2Vec2Model``/``Wav2Vec2ForPreTraining`` checkpoint), or
+    ``scratch:MODEL_CONFIG`` (a random initialisation of that model, drawn with ``trainer.seed``).
     model: changes to the pretrained model's config for fine-tuning, as a nested mapping (the
     masking, layer drop and dropouts of fairseq's fine-tuning recipes in configs/finetune/).
     final_dropout: dropout before the CTC head (fairseq ``final_dropout``).
