@@ -10,9 +10,6 @@ import numpy as np
 import soundfile as sf
 import soxr
 
-# Whatever libsndfile decodes, by extension (plus common aliases).
-AUDIO_EXTENSIONS = {f".{fmt.lower()}" for fmt in sf.available_formats()} | {".aif", ".oga", ".opus", ".wave"}
-
 
 class BadAudio(Exception):
     """An input that cannot go into a shard; ``reason`` is a short code counted in reports."""

@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from data_tools.audio import AUDIO_EXTENSIONS
+from speechssl.data.audio import AUDIO_EXTENSIONS
 
 PATH_COLUMNS = ("path", "audio", "audio_filepath", "file", "wav")
 ID_COLUMNS = ("id", "utt_id", "utterance_id", "key")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -111,10 +112,35 @@ def spell(word: str, tokenizer: Tokenizer) -> list[str]:
                                                                     else [])
 
 
-def write_lexicon(words: list[str], tokenizer: Tokenizer, path: str | Path) -> None:
+def write_lexicon(spellings: dict[str, list[str]], path: str | Path) -> None:
+    """``WORD<TAB>t1 t2 ...`` per line, as :func:`read_lexicon` and flashlight read it."""
     with open(path, "w", encoding="utf-8") as f:
-        for word in words:
-            f.write(f"{word}\t{' '.join(spell(word, tokenizer))}\n")
+        for word, spelling in spellings.items():
+            f.write(f"{word}\t{' '.join(spelling)}\n")
+
+
+def model_spellings(lm: LanguageModel, tokenizer: Tokenizer) -> dict[str, list[str]]:
+    """The LM's lexicon in the model's tokens. A spelling in tokens the model lacks (a character
+    lexicon for a BPE model) is replaced by the model's own; words the model cannot spell at all
+    are left out, with a warning."""
+    known = set(tokenizer.vocab)
+
+    def usable(spelling: list[str] | None) -> bool:
+        return bool(spelling) and set(spelling) <= known and tokenizer.vocab[1] not in spelling
+
+    spellings, dropped = {}, []
+    for word, spelling in lm.lexicon.items():
+        spelling = spelling if usable(spelling) else spell(word, tokenizer)
+        if usable(spelling):
+            spellings[word] = spelling
+        else:
+            dropped.append(word)
+    if dropped:
+        log.warning("%d lexicon word(s) use tokens the model does not have and cannot be decoded: %s",
+                    len(dropped), " ".join(dropped[:20]) + (" ..." if len(dropped) > 20 else ""))
+    if not spellings:
+        raise ValueError("no lexicon word can be spelled with the model's tokens")
+    return spellings
 
 
 class BeamDecoder:
@@ -122,7 +148,7 @@ class BeamDecoder:
     lexicon-free beam search without LM."""
 
     def __init__(self, tokenizer: Tokenizer, lm: LanguageModel | None = None,
-                 settings: DecoderSettings | None = None, workdir: str | Path | None = None):
+                 settings: DecoderSettings | None = None):
         try:
             from torchaudio.models.decoder import ctc_decoder
         except (ImportError, RuntimeError) as e:  # flashlight-text missing
@@ -134,45 +160,19 @@ class BeamDecoder:
         # flashlight needs a word-boundary ("silence") token; BPE vocabularies mark words inside
         # their pieces, so the blank stands in for it there.
         sil = WORD if WORD in tokens else BLANK
-        lexicon_path = None
-        if lm is not None:
-            lexicon_path = self._lexicon_file(lm, tokenizer, workdir)
         s = self.settings
-        self.decoder = ctc_decoder(lexicon=str(lexicon_path) if lexicon_path else None, tokens=tokens,
-                                   lm=str(lm.arpa) if lm is not None else None, nbest=1, beam_size=s.beam,
-                                   beam_threshold=s.beam_threshold, lm_weight=s.lm_weight if lm else 0.0,
-                                   word_score=s.word_score, unk_score=s.unk_score, sil_score=0.0,
-                                   blank_token=BLANK, sil_token=sil, unk_word="<unk>")
-        self.uses_lexicon = lexicon_path is not None
-
-    @staticmethod
-    def _lexicon_file(lm: LanguageModel, tokenizer: Tokenizer, workdir: str | Path | None) -> Path:
-        """The lexicon in the model's tokens, as a file for flashlight. A spelling in tokens the
-        model lacks (a character lexicon for a BPE model) is replaced by the model's own; words
-        the model cannot spell at all are left out, with a warning."""
-        import tempfile
-
-        known = set(tokenizer.vocab)
-
-        def usable(spelling: list[str] | None) -> bool:
-            return bool(spelling) and set(spelling) <= known and tokenizer.vocab[1] not in spelling
-
-        lines, dropped = [], []
-        for word, spelling in lm.lexicon.items():
-            spelling = spelling if usable(spelling) else spell(word, tokenizer)
-            if not usable(spelling):
-                dropped.append(word)
-                continue
-            lines.append(f"{word}\t{' '.join(spelling)}\n")
-        if dropped:
-            log.warning("%d lexicon word(s) use tokens the model does not have and cannot be decoded: %s",
-                        len(dropped), " ".join(dropped[:20]) + (" ..." if len(dropped) > 20 else ""))
-        if not lines:
-            raise ValueError("no lexicon word can be spelled with the model's tokens")
-        folder = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="speechssl-lexicon-"))
-        path = folder / "lexicon.model.txt"
-        path.write_text("".join(lines), encoding="utf-8")
-        return path
+        options = dict(tokens=tokens, nbest=1, beam_size=s.beam, beam_threshold=s.beam_threshold,
+                       word_score=s.word_score, unk_score=s.unk_score, sil_score=0.0, blank_token=BLANK,
+                       sil_token=sil, unk_word="<unk>")
+        self.uses_lexicon = lm is not None
+        if lm is None:
+            self.decoder = ctc_decoder(lexicon=None, lm=None, lm_weight=0.0, **options)
+            return
+        # flashlight reads the lexicon file while the decoder is built; the file is not kept
+        with tempfile.TemporaryDirectory(prefix="speechssl-lexicon-") as folder:
+            lexicon = Path(folder) / "lexicon.txt"
+            write_lexicon(model_spellings(lm, tokenizer), lexicon)
+            self.decoder = ctc_decoder(lexicon=str(lexicon), lm=str(lm.arpa), lm_weight=s.lm_weight, **options)
 
     def __call__(self, log_probs: Tensor, frames: Tensor | None) -> list[str]:
         emissions = log_probs.detach().float().cpu().contiguous()

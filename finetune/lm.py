@@ -20,7 +20,7 @@ from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
-from finetune.beam import ARPA, LEXICON, SETTINGS, BeamDecoder, DecoderSettings, LanguageModel, write_lexicon
+from finetune.beam import ARPA, LEXICON, SETTINGS, BeamDecoder, DecoderSettings, LanguageModel, spell, write_lexicon
 from finetune.ngram import KneserNey
 from finetune.tokenizer import WORD, CharTokenizer, fold_case
 
@@ -57,7 +57,7 @@ def build_lm(sources: list[str], output: str | Path, order: int = 4, case: str =
     words = model.words
     if tokenizer is None:  # characters, as a character tokenizer of this case spells them
         tokenizer = CharTokenizer.build(words, case=case)
-    write_lexicon(words, tokenizer, folder / LEXICON)
+    write_lexicon({word: spell(word, tokenizer) for word in words}, folder / LEXICON)
     (folder / SETTINGS).unlink(missing_ok=True)  # weights tuned for an earlier LM no longer apply
     info = {"sources": sources, "order": order, "case": case, "sentences": len(sentences),
             "words": sum(len(s.split()) for s in sentences), "vocabulary": len(words),

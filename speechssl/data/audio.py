@@ -7,6 +7,9 @@ import io
 import numpy as np
 import soundfile as sf
 
+# Whatever libsndfile decodes, by extension (plus common aliases).
+AUDIO_EXTENSIONS = {f".{fmt.lower()}" for fmt in sf.available_formats()} | {".aif", ".oga", ".opus", ".wave"}
+
 
 def decode_audio(data: bytes) -> tuple[np.ndarray, int]:
     """Decode audio bytes (FLAC in our shards) to mono float32 ``(S,)`` and the sample rate."""

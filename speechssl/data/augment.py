@@ -28,8 +28,7 @@ import soundfile as sf
 import soxr
 
 from speechssl.config import check
-
-AUDIO_EXTENSIONS = {f".{fmt.lower()}" for fmt in sf.available_formats()} | {".aif", ".oga", ".opus", ".wave"}
+from speechssl.data.audio import AUDIO_EXTENSIONS
 
 
 @dataclass

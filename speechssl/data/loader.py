@@ -130,9 +130,9 @@ class ShardStream(IterableDataset):
         self.rank, self.world_size = rank, world_size
         self.epoch = 0
         self.skip = 0  # global batches of this epoch already consumed (resume)
-        augment = config.augment if train and config.augment.active else None
-        self.augment = augment
-        self.augmenter = Augmenter(augment, config.seed, shardset.sample_rate) if augment else None
+        # validation and evaluation are never augmented
+        self.augmenter = (Augmenter(config.augment, config.seed, shardset.sample_rate)
+                          if train and config.augment.active else None)
 
     @property
     def workers(self) -> int:
@@ -141,9 +141,9 @@ class ShardStream(IterableDataset):
     def plan(self) -> EpochPlan:
         c = self.config
         speeds_of = None
-        if self.augment is not None and self.augment.speed:
+        if self.augmenter is not None and c.augment.speed:
             def speeds_of(shard: int, count: int, epoch: int = self.epoch) -> list[float]:
-                return draw_speeds(self.augment.speed, c.seed, epoch, shard, count)
+                return draw_speeds(c.augment.speed, c.seed, epoch, shard, count)
         return plan_epoch(self.shardset, self.epoch, seed=c.seed, train=self.train, world_size=self.world_size,
                           workers=self.workers, max_tokens=c.max_tokens, max_sample_size=c.max_sample_size,
                           min_sample_size=c.min_sample_size, shuffle_buffer=c.shuffle_buffer,

@@ -96,8 +96,9 @@ class ValidatedModels:
         self.entries = kept
 
     def paths(self) -> list[Path]:
-        """The kept files, oldest first."""
-        return [self.folder / e["file"] for e in sorted(self.entries, key=lambda e: e["update"])]
+        """The files of the ``keep`` preferred entries, oldest first."""
+        chosen = self._rank(self.entries)[: self.keep]
+        return [self.folder / e["file"] for e in sorted(chosen, key=lambda e: e["update"])]
 
 
 def main(argv: list[str]) -> int:
@@ -117,16 +118,14 @@ def main(argv: list[str]) -> int:
         if args.best is not None or args.last is not None:
             if len(args.models) != 1 or not Path(args.models[0]).is_dir():
                 raise ValueError("--best and --last take one run folder")
-            folder = Path(args.models[0]) / "validated"
-            entries = json.loads((folder / INDEX).read_text()) if (folder / INDEX).is_file() else []
-            if not entries:
-                raise ValueError(f"{folder}: no validated models (train with trainer.average_models=N)")
             wanted = args.best if args.best is not None else args.last
-            by = "best" if args.best is not None else "last"
-            chosen = ValidatedModels(folder, wanted, by)._rank(entries)[:wanted]
-            if len(chosen) < wanted:
-                print(f"{folder} keeps {len(entries)} models; averaging those", file=sys.stderr)
-            paths = [folder / e["file"] for e in sorted(chosen, key=lambda e: e["update"])]
+            kept = ValidatedModels(Path(args.models[0]) / "validated", wanted,
+                                   "best" if args.best is not None else "last")
+            if not kept.entries:
+                raise ValueError(f"{kept.folder}: no validated models (train with trainer.average_models=N)")
+            if len(kept.entries) < wanted:
+                print(f"{kept.folder} keeps {len(kept.entries)} models; averaging those", file=sys.stderr)
+            paths = kept.paths()
         else:
             paths = [Path(p) for p in args.models]
             missing = [str(p) for p in paths if not p.is_file()]

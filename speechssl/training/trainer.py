@@ -318,8 +318,7 @@ class Trainer:
         engine = self.engine
         engine.eval()
         sums: dict[str, Any] = {}
-        devices = [self.device] if self.device.type == "cuda" else []
-        with torch.no_grad(), torch.random.fork_rng(devices=devices):
+        with torch.no_grad(), self._rng_fork():
             torch.manual_seed(self.cfg.seed + 7919)  # the same masks at every validation
             self.valid_loader.set_epoch(0)  # from the first batch, also after a partial pass
             for i, batch in enumerate(self.valid_loader):
@@ -369,9 +368,12 @@ class Trainer:
     def _export(self, path: Path) -> None:
         """The task's model file, without touching the RNG that training goes on with (a task may
         build a fresh model to export, which draws initial weights)."""
-        devices = [self.device] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
+        with self._rng_fork():
             self.task.export(self.engine.module, path)
+
+    def _rng_fork(self):
+        """A context after which the RNG states (CPU, and this rank's GPU) are as before it."""
+        return torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else [])
 
     def _save(self) -> Path:
         state = {"loader": self.train_loader.state_dict(), "rng": checkpoint.rng_state(),
