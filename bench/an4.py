@@ -153,7 +153,7 @@ def run_jobs(jobs: list[Job], out: Path, deadline: float, parallel: int) -> bool
 def plan_jobs(args: argparse.Namespace, out: Path, data: Path) -> list[Job]:
     quick = args.quick
     device = (["trainer.device=cpu", "trainer.deepspeed=configs/deepspeed/zero0_fp32.json"] if quick else [])
-    model = "configs/model/tiny_conformer.yaml" if quick else "configs/model/small_conformer_stable.yaml"
+    model = "configs/model/tiny_conformer_fbank.yaml" if quick else args.model
     pre_updates, ft_updates = (6, 8) if quick else (args.pretrain_updates, args.finetune_updates)
     every = 4 if quick else 250
     jobs = [Job("pretrain", [PY, "-m", "pretrain", "--config", "configs/pretrain/small_data.yaml", f"model={model}",
@@ -288,8 +288,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--an4", default="../shared/data/an4", help="folder with train.tsv and audio/")
     parser.add_argument("--output", default="runs/an4")
-    parser.add_argument("--pretrain-updates", type=int, default=3000)
-    parser.add_argument("--finetune-updates", type=int, default=3000)
+    parser.add_argument("--model", default="configs/model/small_conformer_fbank.yaml",
+                        help="the model of every run (the small-data recipes' own)")
+    parser.add_argument("--pretrain-updates", type=int, default=4000)
+    parser.add_argument("--finetune-updates", type=int, default=4000)
     parser.add_argument("--pretrain-seed", type=int, default=1)
     parser.add_argument("--seeds", type=int, default=3, help="fine-tuning seeds of each initialisation at 10%%")
     parser.add_argument("--parallel", type=int, default=16, help="training jobs at a time")

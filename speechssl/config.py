@@ -53,21 +53,36 @@ def _default_conv_layers() -> list[list[int]]:
 
 @dataclass
 class FeatureExtractorConfig:
-    """The convolutional waveform encoder.
+    """What turns waveforms into frames: the convolutional waveform encoder or log-mel filterbanks.
 
+    type: ``conv`` (wav2vec 2.0's learned waveform encoder, the fields below up to ``conv_bias``)
+        or ``fbank`` (Kaldi log-mel filterbanks, 25 ms every 10 ms, ``stack`` frames side by side;
+        w2v-BERT and fairseq2's ``Wav2Vec2FbankFeatureExtractor``): nothing to learn below the
+        context network, which serves small corpora (bench/RESULTS.md, "AN4").
     mode: ``group_norm`` (one GroupNorm after the first conv, BASE) or ``layer_norm`` (LayerNorm after
         every conv, LARGE). torchaudio ``extractor_mode``, fairseq ``extractor_mode`` ("default" is
         ``group_norm``), Hugging Face ``feat_extract_norm`` ("group" / "layer").
     conv_layers: ``[[channels, kernel, stride], ...]``. torchaudio ``extractor_conv_layer_config``,
         fairseq ``conv_feature_layers``.
     conv_bias: bias in every conv. torchaudio ``extractor_conv_bias``, fairseq ``conv_bias``.
+    num_mel_bins: ``fbank`` only: mel bins per 10 ms frame (fairseq2 ``num_fbank_channels``).
+    stack: ``fbank`` only: consecutive frames concatenated into one (fairseq2 ``stride``): 2 gives
+        50 Hz frames of ``2 * num_mel_bins`` values.
+    standardize: ``fbank`` only: each mel bin to zero mean and unit variance over the utterance.
     """
 
+    type: str = "conv"
     mode: str = "group_norm"
     conv_layers: list[list[int]] = field(default_factory=_default_conv_layers)
     conv_bias: bool = False
+    num_mel_bins: int = 80
+    stack: int = 2
+    standardize: bool = True
 
     def __post_init__(self) -> None:
+        check(self.type in ("conv", "fbank"), "model.extractor.type", f"must be 'conv' or 'fbank', got {self.type!r}")
+        check(self.num_mel_bins > 0, "model.extractor.num_mel_bins", "must be > 0")
+        check(self.stack > 0, "model.extractor.stack", "must be > 0")
         check(self.mode in ("group_norm", "layer_norm"), "model.extractor.mode",
               f"must be 'group_norm' or 'layer_norm', got {self.mode!r}")
         check(len(self.conv_layers) > 0, "model.extractor.conv_layers", "needs at least one layer")

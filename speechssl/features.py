@@ -28,13 +28,13 @@ read without editing the model.
 from __future__ import annotations
 
 import difflib
-import math
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
 from speechssl.models.encoder import SpeechEncoder
+from speechssl.models.fbank import SHIFT, FbankExtractor
 
 
 @dataclass
@@ -104,7 +104,7 @@ class LayerFeatures(nn.Module):
     @property
     def stride(self) -> int:
         """Samples per output frame of the feature extractor (320 for the usual layers)."""
-        return math.prod(block.stride for block in self.model.feature_extractor.blocks)
+        return self.model.feature_extractor.stride
 
     def window_plan(self, samples: int, window: int, overlap: int) -> list[tuple[int, int, int, int]]:
         """Windows over ``samples``: ``(first sample, end sample, first kept frame, end kept frame)``,
@@ -130,9 +130,13 @@ class LayerFeatures(nn.Module):
         and the stitched result. Nothing is captured by hooks here."""
         plan = self.window_plan(audio.shape[-1], window, overlap)
         pieces: list[list[Tensor]] = [[] for _ in self.layers]
-        norm = self.model.feature_extractor.blocks[0].norm
+        extractor = self.model.feature_extractor
         handle = None
-        if isinstance(norm, nn.GroupNorm):  # normalise every window with the recording's statistics
+        # Normalise every window with the recording's statistics, as the single pass does.
+        if isinstance(extractor, FbankExtractor):
+            if extractor.standardize:
+                extractor.fixed_statistics = self._fbank_statistics(audio, plan)
+        elif isinstance(norm := extractor.blocks[0].norm, nn.GroupNorm):
             mean, var = self._first_conv_statistics(audio, plan)
             handle = norm.register_forward_hook(lambda m, inputs, _: _fixed_group_norm(m, inputs[0], mean, var))
         try:
@@ -150,9 +154,31 @@ class LayerFeatures(nn.Module):
         finally:
             if handle is not None:
                 handle.remove()
+            if isinstance(extractor, FbankExtractor):
+                extractor.fixed_statistics = None
         states = [torch.cat(p).unsqueeze(0) for p in pieces]
         frames = torch.tensor([states[0].shape[1]])
         return LayerOutput(states, self.layers, frames, self._weighted(states))
+
+    @torch.no_grad()
+    def _fbank_statistics(self, audio: Tensor, plan: list[tuple[int, int, int, int]]) -> tuple[Tensor, Tensor]:
+        """Mean and standard deviation of every mel bin over the whole recording's 10 ms frames,
+        accumulated window by window, each window counting the frames it keeps (the last one, to
+        the end, with the frames of an incomplete stack that the single pass also counts)."""
+        extractor: FbankExtractor = self.model.feature_extractor
+        per_frame = self.stride // SHIFT
+        total = torch.zeros(extractor.num_mel_bins, dtype=torch.float64, device=audio.device)
+        squares, count = torch.zeros_like(total), 0
+        for i, (start, end, keep_from, keep_to) in enumerate(plan):
+            mel = extractor.log_mel(audio[start:end].view(1, -1))[0].double()
+            offset = start // SHIFT
+            mel = mel[keep_from * per_frame - offset: None if i == len(plan) - 1 else keep_to * per_frame - offset]
+            total += mel.sum(0)
+            squares += mel.square().sum(0)
+            count += mel.shape[0]
+        mean = total / count
+        std = (squares / count - mean.square()).clamp_min(1e-5).sqrt()
+        return mean.float(), std.float()
 
     @torch.no_grad()
     def _first_conv_statistics(self, audio: Tensor, plan: list[tuple[int, int, int, int]]) -> tuple[Tensor, Tensor]:

@@ -117,6 +117,9 @@ def huggingface_config(config: ModelConfig, **extra: Any) -> Any:
     speechssl config; ``extra`` adds or overrides fields (``vocab_size=...`` for CTC)."""
     import transformers
 
+    if config.extractor.type != "conv":
+        raise ValueError(f"Hugging Face's Wav2Vec2 models have no {config.extractor.type!r} extractor; "
+                         "only the convolutional one ('conv') exports")
     ctx = config.context
     kwargs: dict[str, Any] = dict(
         conv_dim=[c for c, _, _ in config.extractor.conv_layers],

@@ -132,6 +132,9 @@ def from_torchaudio(ta_model: nn.Module) -> Wav2Vec2Model:
 
 def torchaudio_kwargs(config: ModelConfig) -> dict[str, Any]:
     """The ``torchaudio.models.wav2vec2_model`` arguments of a speechssl config."""
+    if config.extractor.type != "conv":
+        raise ValueError(f"torchaudio has no {config.extractor.type!r} extractor; "
+                         "only the convolutional one ('conv') exports")
     ctx = config.context
     if not isinstance(ctx, TransformerConfig):
         raise ValueError(f"torchaudio has no {ctx.type!r} context network; only 'transformer' exports")

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from speechssl.config import ModelConfig
 from speechssl.device import to_device
 from speechssl.models.context import build_context
+from speechssl.models.fbank import FbankExtractor
 from speechssl.models.feature_extractor import FeatureExtractor
 from speechssl.models.frontend import Frontend, GradMultiply
 from speechssl.objectives.masking import compute_channel_mask, compute_span_mask
@@ -24,7 +25,8 @@ class SpeechEncoder(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
-        self.feature_extractor = FeatureExtractor(config.extractor)
+        fbank = config.extractor.type == "fbank"
+        self.feature_extractor = FbankExtractor(config.extractor) if fbank else FeatureExtractor(config.extractor)
         self.context = build_context(config.context)
         self.frontend = Frontend(self.feature_extractor.output_dim, self.context.input_dim, config.dropout_input)
         # The group_norm extractor normalises over time, padding included, so a padded utterance's
@@ -87,7 +89,10 @@ class SpeechEncoder(nn.Module):
         lengths = self._checked_lengths(waveforms, lengths, check_values)
         mult = self.config.feature_grad_mult
         with torch.set_grad_enabled(torch.is_grad_enabled() and mult > 0):
-            features = self.feature_extractor(waveforms, lengths if self.extract_per_utterance else None)
+            # The filterbanks are computed per utterance whatever the padding (their standardization
+            # takes each row's own frames), so they always get the lengths.
+            per_utterance = self.extract_per_utterance or isinstance(self.feature_extractor, FbankExtractor)
+            features = self.feature_extractor(waveforms, lengths if per_utterance else None)
         if features.requires_grad and mult != 1.0:
             features = GradMultiply.apply(features, mult)
         if lengths is None:

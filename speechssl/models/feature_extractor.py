@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
@@ -64,6 +66,11 @@ class FeatureExtractor(nn.Module):
         for block in reversed(self.blocks):
             field = (field - 1) * block.stride + block.kernel
         return field
+
+    @property
+    def stride(self) -> int:
+        """Samples per output frame (320 for the default layers)."""
+        return math.prod(block.stride for block in self.blocks)
 
     def output_lengths(self, lengths: Tensor) -> Tensor:
         """Exact number of frames for inputs of ``lengths`` samples: ``(B,) -> (B,)``."""
