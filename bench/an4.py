@@ -248,6 +248,15 @@ def curves(jobs: list[Job], out: Path) -> None:
     fig.savefig(out / "curves.png", dpi=110)
 
 
+def flat(curve: list[float], window: int = 4, tolerance: float = 0.03) -> bool:
+    """Whether a dev CER curve has stopped falling: the best of its last ``window`` validations is
+    within ``tolerance`` (relative) of the best of the ``window`` before. With validations every
+    250 updates, the last 1,000 updates gained less than 3% of the CER."""
+    if len(curve) < 2 * window:
+        return False
+    return min(curve[-window:]) >= (1 - tolerance) * min(curve[-2 * window: -window])
+
+
 def report(jobs: list[Job], out: Path, info: dict, scores: dict[str, dict]) -> str:
     times = json.loads((out / "times.json").read_text())
     pre = [json.loads(line) for line in (out / "pretrain" / "metrics.jsonl").read_text().splitlines()]
@@ -259,17 +268,19 @@ def report(jobs: list[Job], out: Path, info: dict, scores: dict[str, dict]) -> s
              f"accuracy {valid[-1]['accuracy']:.3f}, code perplexity {valid[-1]['code_perplexity']:.0f}." if valid
              else "", "",
              "| run | updates | best update | dev CER best.pt | dev CER averaged | + LM (tuned on dev) | + LM "
-             "(cross-tuned) | dev WER averaged | + LM (cross-tuned) | last 3 validations (CER) | minutes |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "(cross-tuned) | dev WER averaged | + LM (cross-tuned) | last 3 validations (CER) | flat | minutes |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for job in jobs[1:]:
         s = scores[job.name]
         metrics = [json.loads(line) for line in (out / job.name / "metrics.jsonl").read_text().splitlines()]
-        last = [r["cer"] for r in metrics if r["split"] == "valid"][-3:]
+        curve = [r["cer"] for r in metrics if r["split"] == "valid"]
+        last = curve[-3:]
         best = json.loads((out / job.name / "best.json").read_text())
         lines.append(f"| {job.name} | {job.updates} | {best['update']} | {s['best']['cer']:.1%} | "
                      f"{s['averaged']['cer']:.1%} | {s['lm']['cer']:.1%} | {s['lm_cross']['cer']:.1%} | "
                      f"{s['averaged']['wer']:.1%} | {s['lm_cross']['wer']:.1%} | "
-                     f"{' / '.join(f'{c:.1%}' for c in last)} | {times.get(job.name, 0) / 60:.1f} |")
+                     f"{' / '.join(f'{c:.1%}' for c in last)} | {'yes' if flat(curve) else 'no'} | "
+                     f"{times.get(job.name, 0) / 60:.1f} |")
     lines += ["", "| initialisation | labels | runs | dev CER best.pt, mean (min-max) | averaged | averaged + LM "
                   "(cross-tuned) |", "|---|---|---|---|---|---|"]
     for init in ("pretrained", "random"):
