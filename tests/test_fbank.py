@@ -98,3 +98,23 @@ def test_fbank_models_pretrain_fine_tune_and_round_trip(tmp_path) -> None:
         to_torchaudio(model)
     with pytest.raises(ValueError, match="no 'fbank' extractor"):
         to_huggingface(model)
+
+
+def test_a_model_with_bf16_weights_computes_filterbanks_in_fp32() -> None:
+    """As DeepSpeed's bf16 engine leaves it (parameters bf16, buffers as they were; the mel banks
+    cast too, to be sure): bf16 waveforms in, bf16 features out, close to the fp32 model's."""
+    torch.manual_seed(0)
+    config = load_model_config(REPO / "configs/model/tiny_conformer_fbank.yaml")
+    model = Wav2Vec2Model(config).eval()
+    half = Wav2Vec2Model(config)
+    half.load_state_dict(model.state_dict())
+    for p in half.parameters():
+        p.data = p.data.bfloat16()
+    half.feature_extractor.mel_banks = half.feature_extractor.mel_banks.bfloat16()
+    waves, lengths = torch.stack([_speech(2.0), _speech(2.0, seed=4)]), torch.tensor([32000, 25000])
+    features = half.eval().feature_extractor(waves.bfloat16(), lengths)
+    assert features.dtype == torch.bfloat16
+    with torch.no_grad():
+        reference = model.encode(waves, lengths)[0]
+        out = half.encode(waves.bfloat16(), lengths)[0]
+    assert float((out.float() - reference).norm() / reference.norm()) < 0.02

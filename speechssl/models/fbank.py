@@ -71,14 +71,16 @@ class FbankExtractor(nn.Module):
         frames = waveforms.float().unfold(1, WINDOW, SHIFT)  # (B, F, WINDOW)
         frames = frames - frames.mean(-1, keepdim=True)
         previous = torch.cat([frames[..., :1], frames[..., :-1]], dim=-1)
-        frames = (frames - PREEMPHASIS * previous) * self.window
+        # The buffers in fp32 even in a model cast to bf16 or fp16 (as DeepSpeed does without autocast).
+        frames = (frames - PREEMPHASIS * previous) * self.window.float()
         power = torch.fft.rfft(frames, n=FFT).abs().pow(2)
-        energies = power @ self.mel_banks
+        energies = power @ self.mel_banks.float()
         return energies.clamp_min(torch.finfo(torch.float32).eps).log()
 
     def forward(self, waveforms: Tensor, lengths: Tensor | None = None) -> Tensor:
         """``(B, S)`` waveforms with valid ``lengths (B,)`` (all S if None) to
-        ``(B, T, num_mel_bins * stack)``; frames past a row's length are zero."""
+        ``(B, T, num_mel_bins * stack)`` in the waveforms' dtype (computed in fp32); frames past
+        a row's length are zero."""
         mel = self.log_mel(waveforms)
         batch, count, bins = mel.shape
         frames = (self.fbank_lengths(lengths) if lengths is not None
@@ -92,7 +94,7 @@ class FbankExtractor(nn.Module):
             mel = (mel - mean) / std
         mel = mel.masked_fill(~valid, 0.0)
         usable = count - count % self.stack
-        return mel[:, :usable].reshape(batch, usable // self.stack, bins * self.stack)
+        return mel[:, :usable].reshape(batch, usable // self.stack, bins * self.stack).to(waveforms.dtype)
 
 
 def standardization(mel: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
