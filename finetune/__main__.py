@@ -4,6 +4,7 @@
     deepspeed --num_gpus 8 --module finetune --config configs/finetune/tiny.yaml pretrained=runs/base
     python -m finetune transcribe MODEL AUDIO... [--output hyps.tsv] [--decoder beam --lm LM_DIR]
     python -m finetune evaluate MODEL DATA [--output DIR] [--decoder beam --lm LM_DIR]
+    python -m finetune emissions MODEL DATA --output FILE    (decode later: evaluate/tune-lm --emissions FILE)
     python -m finetune build-lm TRANSCRIPTS... --output LM_DIR [--order 4]
     python -m finetune tune-lm MODEL DEV --lm LM_DIR
     python -m finetune average MODEL... --output averaged.pt  (or RUN_DIR --best N / --last N)
@@ -104,7 +105,7 @@ def train(config, encoder) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in ("transcribe", "evaluate"):
+    if argv and argv[0] in ("transcribe", "evaluate", "emissions"):
         from finetune.transcribe import main as transcribe_main
 
         return transcribe_main(argv)

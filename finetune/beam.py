@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from finetune.decoding import penalize_blank
 from finetune.tokenizer import BLANK, WORD, CharTokenizer, Tokenizer
 
 log = logging.getLogger("speechssl.decode")
@@ -35,13 +36,15 @@ class DecoderSettings:
     """beam: hypotheses kept per frame (torchaudio ``beam_size``); beam_threshold: score margin
     below the best at which hypotheses are pruned; lm_weight and word_score: the LM's weight and
     a bonus per word (fairseq's ``lm_weight``/``word_score``, torchaudio's names); unk_score: the
-    score of a word outside the lexicon (-inf: never)."""
+    score of a word outside the lexicon (-inf: never); blank_penalty: subtracted from the blank's
+    log-probability before the search (icefall's ``blank_penalty``; above 0, fewer deletions)."""
 
     beam: int = 50
     beam_threshold: float = 50.0
     lm_weight: float = 2.0
     word_score: float = 0.0
     unk_score: float = float("-inf")
+    blank_penalty: float = 0.0
 
     def __post_init__(self) -> None:
         if self.beam < 1:
@@ -175,7 +178,8 @@ class BeamDecoder:
             self.decoder = ctc_decoder(lexicon=str(lexicon), lm=str(lm.arpa), lm_weight=s.lm_weight, **options)
 
     def __call__(self, log_probs: Tensor, frames: Tensor | None) -> list[str]:
-        emissions = log_probs.detach().float().cpu().contiguous()
+        emissions = penalize_blank(log_probs.detach().float().cpu(), self.tokenizer.blank,
+                                   self.settings.blank_penalty).contiguous()
         lengths = None if frames is None else frames.detach().cpu().to(torch.int32)
         out = []
         for hypotheses in self.decoder(emissions, lengths):

@@ -9,7 +9,7 @@ from typing import Any
 from speechssl.config import check
 from speechssl.data.loader import DataConfig
 from speechssl.training.config import TrainerConfig
-from speechssl.training.freezing import check_schedule
+from speechssl.training.freezing import MODULES, check_schedule
 
 
 @dataclass
@@ -49,12 +49,16 @@ class FinetuneConfig:
     masking, layer drop and dropouts of fairseq's fine-tuning recipes in configs/finetune/).
     final_dropout: dropout before the CTC head (fairseq ``final_dropout``).
     freeze_updates: NeMo's freezing schedule per module (feature_extractor, frontend, context,
-    lm_head): ``N`` first N updates, ``[a, b]`` updates a..b, ``-1`` the whole run."""
+    lm_head): ``N`` first N updates, ``[a, b]`` updates a..b, ``-1`` the whole run.
+    lr_scale: a factor on the learning rate per module (the same names), e.g. ``{context: 0.3}``
+    fine-tunes the pretrained context network at 0.3 times the head's rate (discriminative
+    fine-tuning: the pretrained layers move less than the fresh head)."""
 
     pretrained: str = ""
     model: dict[str, Any] = field(default_factory=dict)
     final_dropout: float = 0.0
     freeze_updates: dict[str, Any] = field(default_factory=lambda: {"feature_extractor": -1})
+    lr_scale: dict[str, float] = field(default_factory=dict)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     data: DataConfig = field(default_factory=_labelled_data)
     valid_shards: list[str] = field(default_factory=list)
@@ -64,3 +68,6 @@ class FinetuneConfig:
         check(bool(self.pretrained), "pretrained", "name the pretrained model: pretrained=PATH")
         check(0.0 <= self.final_dropout < 1.0, "final_dropout", "must be in [0, 1)")
         self.freeze_updates = check_schedule(self.freeze_updates)
+        for module, scale in self.lr_scale.items():
+            check(module in MODULES, f"lr_scale.{module}", f"unknown module; scalable: {', '.join(MODULES)}")
+            check(scale > 0, f"lr_scale.{module}", f"must be > 0 (freeze a module with freeze_updates), got {scale}")

@@ -19,6 +19,16 @@ def greedy_decode(logits: Tensor, lengths: Tensor | None, blank: int = 0) -> lis
     return out
 
 
+def penalize_blank(log_probs: Tensor, blank: int, penalty: float) -> Tensor:
+    """``log_probs (B, T, V)`` with ``penalty`` subtracted from the blank's (icefall's
+    ``blank_penalty``); a copy, or the same tensor when ``penalty`` is 0."""
+    if not penalty:
+        return log_probs
+    out = log_probs.clone()
+    out[..., blank] -= penalty
+    return out
+
+
 def error_counts(references: list[str], hypotheses: list[str]) -> dict[str, int]:
     """Word and character edit distances summed over the pairs, and the reference sizes
     (``word_errors / words`` is the WER). An empty reference counts every hypothesis word (and

@@ -2,13 +2,15 @@
 
     python -m finetune build-lm data/train [more data or text files] --output runs/lm [--order 4] [--model best.pt]
     python -m finetune tune-lm runs/ctc/best.pt data/dev --lm runs/lm
+    python -m finetune tune-lm --emissions dev.emissions.pt --lm runs/lm   (saved by `emissions`)
 
 ``build-lm`` reads the transcripts of manifests or shard directories, or plain text files (one
 sentence per line), and writes ``lm.arpa`` (interpolated modified Kneser-Ney, :mod:`finetune.ngram`),
 ``lexicon.txt`` (each word spelled in characters with ``|`` after it, or in the tokens of
 ``--model``) and ``lm.json`` (what it was built from). ``tune-lm`` runs the model once over the dev
-data, decodes it for every LM weight and word score of a small grid, and writes the best pair (by
-WER, then CER) to ``decoding.json`` in the LM folder, where ``transcribe`` and ``evaluate`` find it.
+data (or reads its saved emissions), decodes it for every LM weight, word score and blank penalty
+of a small grid, and writes the best (by WER, then CER) to ``decoding.json`` in the LM folder,
+where ``transcribe`` and ``evaluate`` find it.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from pathlib import Path
 from finetune.beam import ARPA, LEXICON, SETTINGS, BeamDecoder, DecoderSettings, LanguageModel, spell, write_lexicon
 from finetune.ngram import KneserNey
 from finetune.tokenizer import WORD, CharTokenizer, fold_case
+from finetune.transcribe import add_source_options, model_or_emissions
 
 
 def read_texts(sources: list[str]) -> Iterator[str]:
@@ -66,41 +69,43 @@ def build_lm(sources: list[str], output: str | Path, order: int = 4, case: str =
     return info
 
 
-def tune(model_path: str, data: list[str], lm_dir: str, lm_weights: list[float], word_scores: list[float],
-         beam: int, device: str, batch_seconds: float) -> dict:
-    """Decode ``data`` with every pair of the grid; write and return the best settings."""
-    from finetune.tokenizer import tokenizer_from_dict
-    from finetune.transcribe import emissions, greedy_decoder, load_model, score
-    from speechssl.data.inputs import read_utterances
+def tune(tokenizer, blank: int, batches, lm_dir: str, grid: dict[str, list[float]], beam: int,
+         tuned_on: dict, skipped: Counter | None = None) -> dict:
+    """Decode the batches (``(utterances, log_probs, frames)``, with transcripts) with every
+    combination of ``grid`` (``lm_weight``, ``word_score``, ``blank_penalty``: lists of values);
+    write and return the best settings, by WER then CER. ``skipped``: the reader's count of
+    unreadable inputs, recorded with them."""
+    from itertools import product
 
-    model, chosen = load_model(model_path, device)
-    tokenizer = tokenizer_from_dict(model.tokenizer)
-    lm = LanguageModel.load(lm_dir)
-    skipped: Counter = Counter()
-    cached = [(batch, log_probs, frames) for batch, log_probs, frames in
-              emissions(model, read_utterances(data, skipped), chosen, batch_seconds)]
+    from finetune.decoding import penalize_blank
+    from finetune.transcribe import greedy_decoder, score
+
+    cached = list(batches)
     if any(u.text is None for batch, _, _ in cached for u in batch):
         raise ValueError("tune-lm needs transcripts for every utterance")
-    texts = [(u.id, u.text, "") for batch, _, _ in cached for u in batch]
+    texts = [(u.id, u.text) for batch, _, _ in cached for u in batch]
+    lm = LanguageModel.load(lm_dir)
 
     def run(decoder) -> dict:
         hyps = [h for _, log_probs, frames in cached for h in decoder(log_probs, frames)]
-        return score(tokenizer, [(i, t, h) for (i, t, _), h in zip(texts, hyps, strict=True)])[0]
+        return score(tokenizer, [(i, t, h) for (i, t), h in zip(texts, hyps, strict=True)])[0]
 
-    greedy = run(greedy_decoder(tokenizer, model.blank))
-    grid = []
-    for weight in lm_weights:
-        for bonus in word_scores:
-            settings = DecoderSettings(beam=beam, lm_weight=weight, word_score=bonus)
-            result = run(BeamDecoder(tokenizer, lm, settings))
-            grid.append({"lm_weight": weight, "word_score": bonus, "wer": result["wer"], "cer": result["cer"]})
-            print(f"lm_weight {weight:g} word_score {bonus:g}: WER {result['wer']:.2%} CER {result['cer']:.2%}",
-                  file=sys.stderr)
-    best = min(grid, key=lambda r: (r["wer"], r["cer"]))
-    tuned = {"beam": beam, "lm_weight": best["lm_weight"], "word_score": best["word_score"],
-             "tuned_on": data, "model": model_path, "wer": best["wer"], "cer": best["cer"],
-             "greedy": {"wer": greedy["wer"], "cer": greedy["cer"]}, "utterances": len(texts),
-             "skipped": dict(skipped), "grid": grid}
+    greedy = run(greedy_decoder(tokenizer, blank))
+    results = []
+    names = ("lm_weight", "word_score", "blank_penalty")
+    for weight, bonus in product(grid["lm_weight"], grid["word_score"]):
+        # one decoder per LM setting (building it reads the LM); the penalty changes only its input
+        decoder = BeamDecoder(tokenizer, lm, DecoderSettings(beam=beam, lm_weight=weight, word_score=bonus))
+        for penalty in grid["blank_penalty"]:
+            result = run(lambda log_probs, frames, p=penalty, d=decoder: d(penalize_blank(log_probs, blank, p), frames))
+            point = dict(zip(names, (weight, bonus, penalty), strict=True))
+            results.append({**point, "wer": result["wer"], "cer": result["cer"]})
+            print(" ".join(f"{k} {v:g}" for k, v in point.items()) +
+                  f": WER {result['wer']:.2%} CER {result['cer']:.2%}", file=sys.stderr)
+    best = min(results, key=lambda r: (r["wer"], r["cer"]))
+    tuned = {"beam": beam, **{name: best[name] for name in names}, **tuned_on, "wer": best["wer"],
+             "cer": best["cer"], "greedy": {"wer": greedy["wer"], "cer": greedy["cer"]}, "utterances": len(texts),
+             "skipped": dict(skipped or {}), "grid": results}
     (Path(lm_dir) / SETTINGS).write_text(json.dumps(tuned, indent=1) + "\n")
     return tuned
 
@@ -120,15 +125,13 @@ def main(argv: list[str]) -> int:
     b.add_argument("--case", choices=("upper", "lower", "keep"), default="upper",
                    help="case folding (the tokenizer's; default upper)")
     b.add_argument("--model", help="spell the lexicon in this CTC model's tokens (default: characters)")
-    t = sub.add_parser("tune-lm", help="the LM weight and word score that decode dev best")
-    t.add_argument("model", help="a fine-tuned CTC model file")
-    t.add_argument("data", nargs="+", help="dev manifests or shard directories with transcripts")
+    t = sub.add_parser("tune-lm", help="the LM weight, word score and blank penalty that decode dev best")
+    add_source_options(t)
     t.add_argument("--lm", required=True, help="a build-lm folder; decoding.json is written there")
     t.add_argument("--lm-weights", type=_floats, default=[0.0, 0.5, 1.0, 1.5, 2.0, 3.0])
     t.add_argument("--word-scores", type=_floats, default=[-1.0, 0.0, 1.0, 2.0])
+    t.add_argument("--blank-penalties", type=_floats, default=[0.0, 1.0])
     t.add_argument("--beam", type=int, default=50)
-    t.add_argument("--device", default="auto")
-    t.add_argument("--batch-seconds", type=float, default=300.0)
     args = parser.parse_args(argv)
     try:
         if args.command == "build-lm":
@@ -140,8 +143,11 @@ def main(argv: list[str]) -> int:
                 tokenizer = tokenizer_from_dict(load_model(args.model, "cpu")[0].tokenizer)
             print(json.dumps(build_lm(args.sources, args.output, args.order, args.case, tokenizer)))
         else:
-            tuned = tune(args.model, args.data, args.lm, args.lm_weights, args.word_scores, args.beam,
-                         args.device, args.batch_seconds)
+            tokenizer, blank, batches, skipped = model_or_emissions(args)
+            grid = {"lm_weight": args.lm_weights, "word_score": args.word_scores,
+                    "blank_penalty": args.blank_penalties}
+            source = {"tuned_on": args.data or args.emissions, "model": args.model or args.emissions}
+            tuned = tune(tokenizer, blank, batches, args.lm, grid, args.beam, source, skipped)
             print(json.dumps({k: v for k, v in tuned.items() if k != "grid"}))
     except (FileNotFoundError, ValueError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -66,7 +66,7 @@ class FinetuneTask:
 
     def lr_factor(self, module: str, update: int) -> float:
         spec = self.config.freeze_updates.get(module)
-        return 0.0 if spec is not None and is_frozen(spec, update) else 1.0
+        return 0.0 if spec is not None and is_frozen(spec, update) else self.config.lr_scale.get(module, 1.0)
 
     # ------------------------------------------------------------------ steps
 

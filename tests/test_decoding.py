@@ -181,3 +181,55 @@ def test_bpe_model_decodes_with_a_character_lexicon(cat_or_cab) -> None:
     decoded = BeamDecoder(tokenizer, LanguageModel.load(lm_dir), DecoderSettings(lm_weight=1.0))(
         emissions, torch.tensor([len(frames)]))
     assert decoded == ["THE CAT SAT"]
+
+
+def test_blank_penalty_brings_back_a_letter_the_blank_outweighed() -> None:
+    """A frame where the blank narrowly beats "B": deleted at no penalty, decoded once the blank
+    pays more than the margin, by the greedy and the beam decoder alike."""
+    from finetune.transcribe import greedy_decoder
+
+    tokenizer = CharTokenizer.build(["AB"])
+    frames = [{"A": 0.9}, {"<blank>": 0.55, "B": 0.44}, {"<blank>": 0.9}]
+    emissions, lengths = _emissions(tokenizer, frames), torch.tensor([3])
+    blank = tokenizer.blank
+    assert greedy_decoder(tokenizer, blank)(emissions, lengths) == ["A"]
+    assert greedy_decoder(tokenizer, blank, blank_penalty=0.5)(emissions, lengths) == ["AB"]
+    assert BeamDecoder(tokenizer, settings=DecoderSettings(beam=1))(emissions, lengths) == ["A"]
+    assert BeamDecoder(tokenizer, settings=DecoderSettings(beam=1, blank_penalty=0.5))(emissions, lengths) == ["AB"]
+    untouched = emissions.clone()
+    greedy_decoder(tokenizer, blank, blank_penalty=0.5)(emissions, lengths)
+    assert torch.equal(emissions, untouched)  # the caller's emissions are not changed
+
+
+def test_emissions_files_round_trip_and_read_as_one_set(tmp_path: Path) -> None:
+    from finetune.emissions import Emissions, Row, load_emissions
+
+    tokenizer = CharTokenizer.build(["AB C"])
+    torch.manual_seed(0)
+    first, second = (Emissions(tokenizer.to_dict(), tokenizer.blank, model="m.pt") for _ in range(2))
+    lengths = [7, 3, 12, 5]
+    rows = [Row(f"u{i}", f"TEXT {i}" if i != 2 else None) for i in range(4)]
+    batch = torch.randn(4, 12, len(tokenizer)).log_softmax(-1)
+    first.add(rows[:2], batch[:2], torch.tensor(lengths[:2]))
+    second.add(rows[2:], batch[2:], torch.tensor(lengths[2:]))
+    second.skipped = {"unreadable": 1}
+    first.save(tmp_path / "a.pt")
+    second.save(tmp_path / "b.pt")
+    both = load_emissions([tmp_path / "a.pt", tmp_path / "b.pt"])
+    assert [r.id for r in both.rows] == ["u0", "u1", "u2", "u3"] and both.rows[2].text is None
+    assert both.skipped == {"unreadable": 1} and both.tokenizer == tokenizer.to_dict()
+    seen = []
+    for chunk, log_probs, frames in both.batches(max_frames=24):  # at most 24 padded frames per batch
+        assert log_probs.shape[0] * log_probs.shape[1] <= 24 or len(chunk) == 1
+        for row, x, n in zip(chunk, log_probs, frames.tolist(), strict=True):
+            i = int(row.id[1:])
+            assert n == lengths[i] and torch.allclose(x[:n], batch[i, :n], atol=2e-2)  # float16 on disk
+            seen.append(i)
+    assert seen == [0, 1, 2, 3]
+    other = Emissions(CharTokenizer.build(["XYZ"]).to_dict(), 0)
+    other.save(tmp_path / "c.pt")
+    with pytest.raises(ValueError, match="another model's tokens"):
+        load_emissions([tmp_path / "a.pt", tmp_path / "c.pt"])
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "model.pt")
+    with pytest.raises(ValueError, match="not an emissions file"):
+        load_emissions([tmp_path / "model.pt"])

@@ -111,3 +111,20 @@ def test_a_frozen_module_runs_in_eval_mode_and_keeps_its_batch_norm_statistics()
         assert torch.equal(stats, before) == frozen, update
     model.eval()
     assert not any(m.training for m in model.modules())
+
+
+def test_lr_scale_sets_each_module_s_rate_and_a_frozen_module_stays_at_zero() -> None:
+    from finetune.task import FinetuneTask
+    from speechssl import Wav2Vec2Model
+
+    config = build(FinetuneConfig, str(REPO / "configs/finetune/tiny.yaml"),
+                   ["lr_scale={context: 0.3, frontend: 0.5}", "freeze_updates={feature_extractor: -1, context: 10}"])
+    encoder = Wav2Vec2Model(load_model_config(str(REPO / "configs/model/tiny_transformer.yaml")))
+    task = FinetuneTask(config, encoder, CharTokenizer.build(["AB"]))
+    assert [task.lr_factor(m, 20) for m in ("feature_extractor", "frontend", "context", "lm_head")] == \
+        [0.0, 0.5, 0.3, 1.0]
+    assert task.lr_factor("context", 9) == 0.0 and task.lr_factor("context", 10) == 0.3
+    for bad, words in [("lr_scale={encoder: 0.5}", "lr_scale.encoder: unknown module"),
+                       ("lr_scale={context: 0}", "lr_scale.context: must be > 0")]:
+        with pytest.raises(ConfigError, match=words):
+            build(FinetuneConfig, str(REPO / "configs/finetune/tiny.yaml"), [bad])

@@ -128,20 +128,46 @@ def test_lm_built_tuned_and_used_by_evaluate(finetuned: Path, corpus: Path, tmp_
     assert info["vocabulary"] > 10 and (lm / "lm.arpa").is_file() and (lm / "lexicon.txt").is_file()
     model = str(finetuned / "best.pt")
     tuned = _cli("tune-lm", model, str(corpus / "dev"), "--lm", str(lm), "--lm-weights", "0,1,2",
-                 "--word-scores", "0,1", "--beam", "20")
+                 "--word-scores", "0,1", "--blank-penalties", "0,1", "--beam", "20")
     assert tuned.returncode == 0, tuned.stderr[-2000:]
     settings = json.loads((lm / "decoding.json").read_text())
-    assert len(settings["grid"]) == 6 and settings["wer"] == min(r["wer"] for r in settings["grid"])
+    assert len(settings["grid"]) == 12 and settings["wer"] == min(r["wer"] for r in settings["grid"])
     assert settings["wer"] <= settings["greedy"]["wer"]
     scored = _cli("evaluate", model, str(corpus / "dev"), "--lm", str(lm))
     assert scored.returncode == 0, scored.stderr[-2000:]
     scores = json.loads(scored.stdout.splitlines()[-1])
     assert scores["decoder"] == "beam" and scores["lm_weight"] == settings["lm_weight"] and scores["beam"] == 20
+    assert scores["blank_penalty"] == settings["blank_penalty"]
     assert scores["wer"] == pytest.approx(settings["wer"])
     hyps = _cli("transcribe", model, str(corpus / "files"), "--lm", str(lm), "--lm-weight", "0")
     assert hyps.returncode == 0 and len(hyps.stdout.splitlines()) == 5, hyps.stderr[-2000:]
     wrong = _cli("evaluate", model, str(corpus / "dev"), "--decoder", "greedy", "--lm", str(lm))
     assert wrong.returncode == 2 and "--lm and --lexicon need --decoder beam" in wrong.stderr
+
+
+def test_saved_emissions_decode_and_tune_as_the_model_does(finetuned: Path, corpus: Path, tmp_path: Path) -> None:
+    """emissions once, then evaluate and tune-lm from the file: the scores and the tuned settings
+    of running the model; the file alone needs neither the model nor the audio."""
+    model = str(finetuned / "best.pt")
+    saved = _cli("emissions", model, str(corpus / "dev"), "--output", str(tmp_path / "dev.pt"))
+    assert saved.returncode == 0, saved.stderr[-2000:]
+    direct = json.loads(_cli("evaluate", model, str(corpus / "dev")).stdout.splitlines()[-1])
+    replayed = _cli("evaluate", "--emissions", str(tmp_path / "dev.pt"), "--output", str(tmp_path / "eval"))
+    assert replayed.returncode == 0, replayed.stderr[-2000:]
+    from_file = json.loads(replayed.stdout.splitlines()[-1])
+    assert from_file["utterances"] == direct["utterances"] > 0
+    assert from_file["word_errors"] == direct["word_errors"] and from_file["char_errors"] == direct["char_errors"]
+    lm = tmp_path / "lm"
+    assert _cli("build-lm", str(corpus / "train"), "--output", str(lm), "--order", "3").returncode == 0
+    grid = ["--lm-weights", "0,1", "--word-scores", "0,1", "--blank-penalties", "0,1", "--beam", "20"]
+    grids = []
+    for source in ([model, str(corpus / "dev")], ["--emissions", str(tmp_path / "dev.pt")]):
+        done = _cli("tune-lm", *source, "--lm", str(lm), *grid)
+        assert done.returncode == 0, done.stderr[-2000:]
+        grids.append([(r["wer"], r["cer"]) for r in json.loads((lm / "decoding.json").read_text())["grid"]])
+    assert len(grids[0]) == 8 and grids[0] == grids[1]
+    both = _cli("evaluate", model, str(corpus / "dev"), "--emissions", str(tmp_path / "dev.pt"))
+    assert both.returncode == 2 and "not both" in both.stderr
 
 
 def test_fine_tuning_averages_its_best_models(finetuned: Path, corpus: Path, tmp_path: Path) -> None:
@@ -222,8 +248,11 @@ records = []
 def recording(self, group, sums):
     original(self, group, sums)
     model = self.engine.module
+    lrs = {{id(p): g["lr"] for g in self._adamw.param_groups for p in g["params"]}}
     records.append({{name: torch.cat([p.detach().flatten().clone() for p in module.parameters()])
                     for name, module in model.named_children() if any(True for _ in module.parameters())}})
+    records[-1]["lr"] = {{name: lrs.get(id(next(module.parameters())), 0.0) for name, module in model.named_children()
+                         if any(True for _ in module.parameters())}}
     torch.save(records, {str(out)!r})
 Trainer._train_update = recording
 from finetune.__main__ import main
@@ -252,6 +281,29 @@ def test_freezing_schedules_hold_in_the_job(corpus: Path, tmp_path: Path, deepsp
         for update in range(1, 6):  # update u changed the parameters iff the module was not frozen at u
             moved = not torch.equal(after[update][module], after[update - 1][module])
             assert moved == (update not in updates), (module, update)
+
+
+def test_lr_scale_gives_each_module_its_share_of_the_rate(corpus: Path, tmp_path: Path) -> None:
+    """lr_scale reaches the optimizer: each module's group runs at its factor of the head's LR."""
+    from speechssl import Wav2Vec2Model, load_model_config
+
+    Wav2Vec2Model(load_model_config(TINY)).save(tmp_path / "init.pt")
+    records = tmp_path / "params.pt"
+    args = ["--config", CONFIG, f"pretrained={tmp_path / 'init.pt'}", *_data(corpus, tmp_path / "run"),
+            "trainer.max_updates=3", "trainer.validate_every=0", "trainer.warmup_updates=2",
+            "freeze_updates={feature_extractor: -1}", "lr_scale={context: 0.25, frontend: 0.5}",
+            "trainer.deepspeed=configs/deepspeed/zero0_fp32.json"]  # ZeRO's groups hold flat copies, not the parameters
+    done = subprocess.run([sys.executable, "-c", _snapshot_script(records), *args], capture_output=True, text=True,
+                          cwd=REPO, env=ENV, check=False, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    after = torch.load(records)
+    for record in after:  # the warm-up starts at 0, where every group's rate is 0
+        lr = record["lr"]
+        assert lr["feature_extractor"] == 0
+        assert lr["context"] == pytest.approx(0.25 * lr["lm_head"])
+        assert lr["frontend"] == pytest.approx(0.5 * lr["lm_head"])
+    rates = {r["lr"]["lm_head"] for r in after}
+    assert len(rates - {0.0}) > 1  # the schedule moves, the ratios stay
 
 
 def test_a_model_imported_from_torchaudio_fine_tunes(corpus: Path, tmp_path: Path) -> None:
