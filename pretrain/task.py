@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +17,14 @@ from speechssl.models.wav2vec2 import Wav2Vec2Model
 from speechssl.training.health import HealthMonitor
 from speechssl.training.trainer import StepOutput
 
+log = logging.getLogger("speechssl.pretrain")
+
+
+def matched_temp_decay(temp_start: float, temp_end: float, max_updates: int, reach: float = 0.69) -> float:
+    """The ``temp_decay`` that brings the Gumbel temperature from ``temp_start`` to ``temp_end`` at
+    ``reach`` of ``max_updates``, where fairseq's 0.999995 brings it over its 400k-update BASE run."""
+    return math.exp(math.log(temp_end / temp_start) / (reach * max_updates))
+
 
 class PretrainTask:
     """Masks are drawn in ``prepare``, before any forward, so the trainer knows every micro-batch's
@@ -27,6 +37,13 @@ class PretrainTask:
         self.model_config = model_config
         self.sample_rate = sample_rate
         self.health = HealthMonitor(model_config.quantizer.num_groups, max_updates)
+        q = model_config.quantizer
+        final = max(q.temp_start * q.temp_decay**max_updates, q.temp_end)
+        if max_updates and final > (q.temp_start + q.temp_end) / 2:
+            log.warning("the Gumbel temperature only falls from %g to %.3g in max_updates=%d (temp_decay=%g); codes "
+                        "stay soft and noisy: model.quantizer.temp_decay=%.6g reaches temp_end=%g at 69%% of the run, "
+                        "as fairseq's schedule does in its 400k updates", q.temp_start, final, max_updates,
+                        q.temp_decay, matched_temp_decay(q.temp_start, q.temp_end, max_updates), q.temp_end)
 
     def build_model(self) -> nn.Module:
         return Wav2Vec2Model(self.model_config)

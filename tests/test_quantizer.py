@@ -63,3 +63,25 @@ def test_fp32_under_autocast_and_temperature() -> None:
     assert out.temperature == 2.0
     q.set_num_updates(50_000)
     assert q.temperature == pytest.approx(2.0 * 0.999995**50_000)
+
+
+def test_a_schedule_too_short_for_the_temperature_decay_is_flagged(caplog: pytest.LogCaptureFixture) -> None:
+    """fairseq's decay suits its 400k updates; over 4,000 the temperature stays near 2: the job warns
+    and names the decay that anneals within the run, which does reach temp_end at 69% of it."""
+    from pretrain.task import PretrainTask, matched_temp_decay
+    from speechssl import load_model_config
+
+    config = load_model_config("configs/model/tiny_transformer.yaml", ["quantizer.temp_decay=0.999995"])
+    with caplog.at_level("WARNING", logger="speechssl.pretrain"):
+        PretrainTask(config, 400_000)
+    assert not caplog.records
+    with caplog.at_level("WARNING", logger="speechssl.pretrain"):
+        PretrainTask(config, 4000)
+    decay = matched_temp_decay(2.0, 0.5, 4000)
+    assert "falls from 2 to 1.96" in caplog.text and f"temp_decay={decay:.6g}" in caplog.text
+    assert 2.0 * decay ** (0.69 * 4000) == pytest.approx(0.5)
+    caplog.clear()
+    tuned = load_model_config("configs/model/tiny_transformer.yaml", [f"quantizer.temp_decay={decay}"])
+    with caplog.at_level("WARNING", logger="speechssl.pretrain"):
+        PretrainTask(tuned, 4000)
+    assert not caplog.records
