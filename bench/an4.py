@@ -8,16 +8,22 @@
 2. Pretraining with ``configs/pretrain/small_data.yaml`` on the training audio, without transcripts.
 3. CTC fine-tuning from it with ``configs/finetune/small_data_ctc.yaml``, and from a random
    initialisation of the same architecture with ``configs/finetune/scratch_ctc.yaml`` (which starts
-   at once, beside the pretraining), each with 10% of the labels (``--seeds`` seeds) and 100%, all
-   with the same number of updates. One more pretrained run at 100% leaves speed perturbation out,
-   to measure what it gives.
-4. An n-gram LM (``python -m finetune build-lm``) of the training transcripts; per run, dev CER
-   and WER of the best model by validation WER and of the average of the 5 best (greedy), and of
-   the average with the LM: tuned on the whole dev set (``tune-lm``), and cross-tuned (tuned on one
-   half of the dev speakers, scored on the other, both ways).
-5. ``OUTPUT/results.md`` (the tables), ``OUTPUT/curves.png`` (dev CER per update of every run),
+   at once, beside the pretraining), each with 10% of the labels (``--seeds`` seeds) and 100%; the
+   runs of one label fraction have the same number of updates. ``--variant`` adds runs with
+   changed settings to measure one change at a time (by default: the pretrained run at 100% without
+   speed perturbation).
+4. The emissions of each run's best model by validation WER (``best.pt``) and of the average of its
+   5 best (``averaged.pt``) on the dev halves (``python -m finetune emissions``).
+5. Scoring from the emissions alone (no model, no GPU): an n-gram LM (``python -m finetune
+   build-lm``) of the training transcripts; per run, dev CER and WER of both models greedy, and
+   of the average with the LM, its weights (LM weight, word score, blank penalty) tuned on the
+   whole dev set, and cross-tuned (tuned on one half of the dev speakers, scored on the other, both
+   ways), also without the blank penalty.
+6. ``OUTPUT/results.md`` (the tables), ``OUTPUT/curves.png`` (dev CER per update of every run),
    ``OUTPUT/summary.json``.
 
+``--stage train`` stops after step 4 and ``--stage score`` does steps 5 and 6 only, so the GPU
+trains and the scoring runs on any machine that has the run folders' emissions and logs.
 Resumable: every stage that is done is skipped, and jobs resume from their checkpoints. With
 ``--deadline-minutes`` every job is told to stop (with a checkpoint) before that much time has
 passed since the bench started, and the bench exits with status 3 when work is left: run the same
@@ -65,8 +71,8 @@ def subset(manifest: Path, output: Path, keep) -> int:
     return len(picked)
 
 
-def make_data(an4: Path, data: Path) -> dict:
-    """Shards of train, train10 (seeded 10%), dev and its halves dev_a, dev_b (by speaker)."""
+def split_data(an4: Path, data: Path) -> dict:
+    """Manifests of train, train10 (seeded 10%), dev and its halves dev_a, dev_b (by speaker)."""
     split = data / "split"
     info_path = data / "data.json"
     if info_path.is_file():
@@ -83,11 +89,20 @@ def make_data(an4: Path, data: Path) -> dict:
     info["dev_a"] = subset(split / "dev.tsv", split / "dev_a.tsv", lambda i, r: r["speaker"] in half)
     info["dev_b"] = subset(split / "dev.tsv", split / "dev_b.tsv", lambda i, r: r["speaker"] not in half)
     info["dev_speakers"] = speakers
-    for name in ("train", "train10", "dev", "dev_a", "dev_b"):
-        run([PY, "-m", "data_tools", "make-shards", "--input", str(split / f"{name}.tsv"), "--output",
-             str(data / name), "--max-count", "50", "--quiet"], data.parent / f"shards_{name}.log")
     info_path.write_text(json.dumps(info, indent=1) + "\n")
     return info
+
+
+def make_shards(data: Path) -> None:
+    """Shards of every manifest of :func:`split_data`, built side by side."""
+    names = [n for n in ("train", "train10", "dev", "dev_a", "dev_b") if not (data / n / "index.json").is_file()]
+    procs = {n: subprocess.Popen([PY, "-m", "data_tools", "make-shards", "--input", str(data / "split" / f"{n}.tsv"),
+                                  "--output", str(data / n), "--max-count", "50", "--quiet"], cwd=REPO,
+                                 stdout=(data.parent / f"shards_{n}.log").open("w"), stderr=subprocess.STDOUT)
+             for n in names}
+    for name, proc in procs.items():
+        if proc.wait() != 0:
+            sys.exit(f"make-shards of {name} failed; see {data.parent / f'shards_{name}.log'}")
 
 
 def minutes_left(deadline: float) -> float:
@@ -117,11 +132,18 @@ class Job:
         return last_update(out / self.name) >= self.updates and (out / self.name / "model.pt").is_file()
 
 
-def run_jobs(jobs: list[Job], out: Path, deadline: float, parallel: int) -> bool:
+def has_emissions(run_dir: Path) -> bool:
+    return all(emissions_path(run_dir, m, h).is_file() for m, h in EMISSIONS)
+
+
+def run_jobs(jobs: list[Job], out: Path, data: Path, deadline: float, parallel: int, device: str) -> bool:
     """Start every job whose prerequisites are done, as many at a time as ``parallel`` allows, each
-    told to stop before the deadline; True when all are done."""
+    told to stop before the deadline; each fine-tuning run's emissions as soon as it is done. True
+    when every job is done and has its emissions."""
     running: dict[str, tuple[subprocess.Popen, float]] = {}
+    scoring: dict[str, subprocess.Popen] = {}
     times = json.loads((out / "times.json").read_text()) if (out / "times.json").is_file() else {}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     while True:
         pending = [j for j in jobs if not j.done(out) and j.name not in running]
         ready = [j for j in pending if all(next(x for x in jobs if x.name == a).done(out) for a in j.after)]
@@ -132,11 +154,20 @@ def run_jobs(jobs: list[Job], out: Path, deadline: float, parallel: int) -> bool
             limit = [f"trainer.max_minutes={left:.2f}"] if deadline else []
             log = (out / f"{job.name}.log").open("a")
             running[job.name] = (subprocess.Popen([*job.command, *limit], stdout=log, stderr=subprocess.STDOUT,
-                                                  cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}),
-                                 time.monotonic())
+                                                  cwd=REPO, env=env), time.monotonic())
             print(f"[{(time.monotonic() - STARTED) / 60:5.1f} min] started {job.name}", flush=True)
-        if not running:
-            return all(j.done(out) for j in jobs)
+        for job in jobs[1:]:
+            if job.name not in scoring and job.done(out) and not has_emissions(out / job.name) \
+                    and minutes_left(deadline) > 1.0:
+                scoring[job.name] = subprocess.Popen([PY, __file__, "--emissions", str(out / job.name), str(data),
+                                                      device], cwd=REPO, env=env,
+                                                     stdout=(out / job.name / "emissions.log").open("w"),
+                                                     stderr=subprocess.STDOUT)
+        for name, proc in list(scoring.items()):
+            if proc.poll() is not None and proc.returncode != 0:
+                sys.exit(f"emissions of {name} failed; see {out / name / 'emissions.log'}")
+        if not running and all(proc.poll() is not None for proc in scoring.values()):
+            return all(j.done(out) for j in jobs) and all(has_emissions(out / j.name) for j in jobs[1:])
         time.sleep(2)
         for name, (proc, began) in list(running.items()):
             if proc.poll() is None:
@@ -150,39 +181,91 @@ def run_jobs(jobs: list[Job], out: Path, deadline: float, parallel: int) -> bool
                   f"{last_update(out / name)}", flush=True)
 
 
+@dataclass
+class Variant:
+    """Runs with changed settings beside the recipes': ``NAME INIT LABELS SEEDS [OVERRIDE ...]``,
+    e.g. ``nospeed pretrained 100% 1 data.augment.speed=[]``."""
+
+    name: str
+    init: str
+    labels: str
+    seeds: int
+    overrides: list[str]
+
+    @classmethod
+    def parse(cls, text: str) -> Variant:
+        parts = text.split()
+        if len(parts) < 4 or parts[1] not in ("pretrained", "random") or parts[2] not in ("10%", "100%") \
+                or not parts[3].isdigit():
+            raise argparse.ArgumentTypeError(f"--variant {text!r}: want 'NAME pretrained|random 10%|100% SEEDS "
+                                             "[dotted.key=value ...]'")
+        return cls(parts[0], parts[1], parts[2], int(parts[3]), parts[4:])
+
+
 def plan_jobs(args: argparse.Namespace, out: Path, data: Path) -> list[Job]:
     quick = args.quick
     device = (["trainer.device=cpu", "trainer.deepspeed=configs/deepspeed/zero0_fp32.json"] if quick else [])
     model = "configs/model/tiny_conformer_fbank.yaml" if quick else args.model
-    pre_updates, ft_updates = (6, 8) if quick else (args.pretrain_updates, args.finetune_updates)
+    pre_updates = 6 if quick else args.pretrain_updates
+    updates = {"100%": 8 if quick else args.finetune_updates,
+               "10%": 8 if quick else (args.finetune_updates_10 or args.finetune_updates)}
     every = 4 if quick else 250
     jobs = [Job("pretrain", [PY, "-m", "pretrain", "--config", "configs/pretrain/small_data.yaml", f"model={model}",
                              f"data.shards=[{data / 'train'}]", f"valid_shards=[{data / 'dev'}]",
                              f"trainer.output_dir={out / 'pretrain'}", f"trainer.max_updates={pre_updates}",
                              f"trainer.seed={args.pretrain_seed}", f"data.seed={args.pretrain_seed}",
                              f"trainer.validate_every={every * 2}", f"trainer.checkpoint_every={every * 2}",
-                             "trainer.threads=1", *device], pre_updates)]
+                             "trainer.threads=1", *device, *args.pretrain_override], pre_updates)]
     recipes = {"pretrained": ("configs/finetune/small_data_ctc.yaml", f"pretrained={out / 'pretrain'}", ["pretrain"]),
                "random": ("configs/finetune/scratch_ctc.yaml", f"pretrained=scratch:{model}", [])}
-    variants = [(init, labels, seed, True) for init in ("pretrained", "random") for labels in ("10%", "100%")
-                for seed in range(1, (args.seeds if labels == "10%" else 1) + 1)]
-    variants.append(("pretrained", "100%", 1, False))  # the same without speed perturbation
-    for init, labels, seed, speed in variants:
-        config, source, after = recipes[init]
-        shards = "train10" if labels == "10%" else "train"
-        name = f"{init}_{shards}_seed{seed}" + ("" if speed else "_nospeed")
-        overrides = [f"data.shards=[{data / shards}]", f"valid_shards=[{data / 'dev'}]",
-                     f"trainer.output_dir={out / name}", f"trainer.seed={seed}", f"data.seed={seed}",
-                     f"trainer.max_updates={ft_updates}", f"trainer.validate_every={every}",
-                     f"trainer.checkpoint_every={every * 2}", "trainer.threads=1",
-                     f"data.num_workers={1 if shards == 'train10' else 2}", *device]
-        if not speed:
-            overrides.append("data.augment.speed=[]")
-        if quick:
-            overrides += ["freeze_updates.frontend=2", "freeze_updates.context=2"] if init == "pretrained" else []
-        jobs.append(Job(name, [PY, "-m", "finetune", "--config", config, source, *overrides], ft_updates, after,
-                        {"init": init, "labels": labels, "seed": seed, "speed_perturbation": speed}))
+    runs = [Variant("", init, labels, args.seeds if labels == "10%" else 1, [])
+            for init in args.inits for labels in ("10%", "100%")] + [v for v in args.variant if v.init in args.inits]
+    for variant in runs:
+        config, source, after = recipes[variant.init]
+        shards = "train10" if variant.labels == "10%" else "train"
+        for seed in range(1, variant.seeds + 1):
+            name = f"{variant.init}_{shards}_seed{seed}" + (f"_{variant.name}" if variant.name else "")
+            overrides = [f"data.shards=[{data / shards}]", f"valid_shards=[{data / 'dev'}]",
+                         f"trainer.output_dir={out / name}", f"trainer.seed={seed}", f"data.seed={seed}",
+                         f"trainer.max_updates={updates[variant.labels]}", f"trainer.validate_every={every}",
+                         f"trainer.checkpoint_every={every * 2}", "trainer.threads=1",
+                         f"data.num_workers={1 if shards == 'train10' else 2}", *device, *variant.overrides]
+            if quick and variant.init == "pretrained":
+                overrides += ["freeze_updates.frontend=2", "freeze_updates.context=2"]
+            jobs.append(Job(name, [PY, "-m", "finetune", "--config", config, source, *overrides],
+                            updates[variant.labels], after,
+                            {"init": variant.init, "labels": variant.labels, "seed": seed, "variant": variant.name,
+                             "overrides": variant.overrides}))
     return jobs
+
+
+EMISSIONS = [(model, half) for model in ("best", "averaged") for half in ("dev_a", "dev_b")]
+
+
+def emissions_path(run_dir: Path, model: str, half: str) -> Path:
+    return run_dir / "emissions" / f"{model}_{half}.pt"
+
+
+def save_emissions(run_dir: Path, data: Path, device: str) -> None:
+    """The dev halves' emissions of the run's best.pt and averaged.pt (one process per run)."""
+    from collections import Counter
+
+    from finetune.emissions import Emissions
+    from finetune.transcribe import emissions, load_model
+    from speechssl.data.inputs import read_utterances
+
+    for model_name in ("best", "averaged"):
+        model, chosen = load_model(str(run_dir / f"{model_name}.pt"), device)
+        for half in ("dev_a", "dev_b"):
+            skipped: Counter = Counter()
+            saved = Emissions(model.tokenizer, model.blank, model=str(run_dir / f"{model_name}.pt"))
+            for batch, log_probs, frames in emissions(model, read_utterances([str(data / half)], skipped), chosen):
+                saved.add(batch, log_probs, frames)
+            saved.skipped = dict(skipped)
+            path = emissions_path(run_dir, model_name, half)
+            path.parent.mkdir(exist_ok=True)
+            saved.save(path.with_suffix(".partial"))
+            path.with_suffix(".partial").replace(path)
 
 
 def cli(args: list[str], log: Path) -> dict:
@@ -195,33 +278,44 @@ def cli(args: list[str], log: Path) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def score_run(run_dir: Path, data: Path, lm: Path, device: str) -> dict:
-    """Greedy dev scores of best.pt and averaged.pt; the averaged model with the LM tuned on dev,
-    and cross-tuned on the dev halves. Cached in RUN/scores.json."""
+BLANK_PENALTIES = "0,1,2,3,4"
+QUICK_GRID = ["--lm-weights", "0,1", "--word-scores", "0", "--beam", "5"]  # --quick: a check of the script
+
+
+def score_run(run_dir: Path, lm: Path, quick: bool) -> dict:
+    """From the run's emissions: greedy dev scores of best.pt and averaged.pt; the averaged model
+    with the LM tuned on dev, and cross-tuned on the dev halves, with and without the blank penalty
+    in the grid. Cached in RUN/scores.json."""
     cached = run_dir / "scores.json"
     if cached.is_file():
         return json.loads(cached.read_text())
     log = run_dir / "scoring.log"
-    dev = str(data / "dev")
-    common = ["--device", device]
-    scores = {"best": cli(["evaluate", str(run_dir / "best.pt"), dev, *common], log)}
-    model = run_dir / "averaged.pt"
-    scores["averaged"] = cli(["evaluate", str(model), dev, *common, "--output", str(run_dir / "dev_greedy")], log)
+    grid = QUICK_GRID if quick else []
+
+    def files(model: str, *halves: str) -> list[str]:
+        return [str(emissions_path(run_dir, model, h)) for h in (halves or ("dev_a", "dev_b"))]
+
+    scores = {"best": cli(["evaluate", "--emissions", *files("best")], log),
+              "averaged": cli(["evaluate", "--emissions", *files("averaged"), "--output", str(run_dir / "dev_greedy")],
+                              log)}
     tuned_lm = run_dir / "lm"
     shutil.copytree(lm, tuned_lm, dirs_exist_ok=True)
-    scores["lm_tuning"] = cli(["tune-lm", str(model), dev, "--lm", str(tuned_lm), *common], log)
-    scores["lm"] = cli(["evaluate", str(model), dev, "--lm", str(tuned_lm), *common, "--output",
+    scores["lm_tuning"] = cli(["tune-lm", "--emissions", *files("averaged"), "--lm", str(tuned_lm),
+                               "--blank-penalties", BLANK_PENALTIES, *grid], log)
+    scores["lm"] = cli(["evaluate", "--emissions", *files("averaged"), "--lm", str(tuned_lm), "--output",
                         str(run_dir / "dev_lm")], log)
-    errors = {"char_errors": 0, "chars": 0, "word_errors": 0, "words": 0}
-    for tune_on, score_on in (("dev_a", "dev_b"), ("dev_b", "dev_a")):
-        fold = run_dir / f"lm_{tune_on}"
-        shutil.copytree(lm, fold, dirs_exist_ok=True)
-        cli(["tune-lm", str(model), str(data / tune_on), "--lm", str(fold), *common], log)
-        result = cli(["evaluate", str(model), str(data / score_on), "--lm", str(fold), *common], log)
-        for key in errors:
-            errors[key] += result[key]
-    scores["lm_cross"] = {"cer": errors["char_errors"] / errors["chars"],
-                          "wer": errors["word_errors"] / errors["words"], **errors}
+    for key, penalties in (("lm_cross", BLANK_PENALTIES), ("lm_cross_no_penalty", "0")):
+        errors = {"char_errors": 0, "chars": 0, "word_errors": 0, "words": 0}
+        for tune_on, score_on in (("dev_a", "dev_b"), ("dev_b", "dev_a")):
+            fold = run_dir / f"{key}_{tune_on}"
+            shutil.copytree(lm, fold, dirs_exist_ok=True)
+            cli(["tune-lm", "--emissions", *files("averaged", tune_on), "--lm", str(fold), "--blank-penalties",
+                 penalties, *grid], log)
+            result = cli(["evaluate", "--emissions", *files("averaged", score_on), "--lm", str(fold)], log)
+            for k in errors:
+                errors[k] += result[k]
+        scores[key] = {"cer": errors["char_errors"] / errors["chars"],
+                       "wer": errors["word_errors"] / errors["words"], **errors}
     cached.write_text(json.dumps(scores, indent=1) + "\n")
     return scores
 
@@ -258,7 +352,7 @@ def flat(curve: list[float], window: int = 4, tolerance: float = 0.03) -> bool:
 
 
 def report(jobs: list[Job], out: Path, info: dict, scores: dict[str, dict]) -> str:
-    times = json.loads((out / "times.json").read_text())
+    times = json.loads((out / "times.json").read_text()) if (out / "times.json").is_file() else {}
     pre = [json.loads(line) for line in (out / "pretrain" / "metrics.jsonl").read_text().splitlines()]
     valid = [r for r in pre if r["split"] == "valid"]
     lines = [f"Data: {info['train']} training utterances ({info['train10']} in the 10% subset), dev "
@@ -268,8 +362,9 @@ def report(jobs: list[Job], out: Path, info: dict, scores: dict[str, dict]) -> s
              f"accuracy {valid[-1]['accuracy']:.3f}, code perplexity {valid[-1]['code_perplexity']:.0f}." if valid
              else "", "",
              "| run | updates | best update | dev CER best.pt | dev CER averaged | + LM (tuned on dev) | + LM "
-             "(cross-tuned) | dev WER averaged | + LM (cross-tuned) | last 3 validations (CER) | flat | minutes |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "(cross-tuned) | + LM, no blank penalty (cross-tuned) | dev WER averaged | + LM (cross-tuned) | "
+             "last 3 validations (CER) | flat | minutes |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for job in jobs[1:]:
         s = scores[job.name]
         metrics = [json.loads(line) for line in (out / job.name / "metrics.jsonl").read_text().splitlines()]
@@ -278,20 +373,23 @@ def report(jobs: list[Job], out: Path, info: dict, scores: dict[str, dict]) -> s
         best = json.loads((out / job.name / "best.json").read_text())
         lines.append(f"| {job.name} | {job.updates} | {best['update']} | {s['best']['cer']:.1%} | "
                      f"{s['averaged']['cer']:.1%} | {s['lm']['cer']:.1%} | {s['lm_cross']['cer']:.1%} | "
-                     f"{s['averaged']['wer']:.1%} | {s['lm_cross']['wer']:.1%} | "
-                     f"{' / '.join(f'{c:.1%}' for c in last)} | {'yes' if flat(curve) else 'no'} | "
-                     f"{times.get(job.name, 0) / 60:.1f} |")
-    lines += ["", "| initialisation | labels | runs | dev CER best.pt, mean (min-max) | averaged | averaged + LM "
-                  "(cross-tuned) |", "|---|---|---|---|---|---|"]
-    for init in ("pretrained", "random"):
-        for labels in ("10%", "100%"):
-            group = [scores[j.name] for j in jobs[1:] if j.facts["init"] == init and j.facts["labels"] == labels
-                     and j.facts["speed_perturbation"]]
-            cells = []
-            for pick in (lambda s: s["best"]["cer"], lambda s: s["averaged"]["cer"], lambda s: s["lm_cross"]["cer"]):
-                values = [pick(s) for s in group]
-                cells.append(f"{statistics.mean(values):.1%} ({min(values):.1%}-{max(values):.1%})")
-            lines.append(f"| {init} | {labels} | {len(group)} | {' | '.join(cells)} |")
+                     f"{s['lm_cross_no_penalty']['cer']:.1%} | {s['averaged']['wer']:.1%} | "
+                     f"{s['lm_cross']['wer']:.1%} | {' / '.join(f'{c:.1%}' for c in last)} | "
+                     f"{'yes' if flat(curve) else 'no'} | {times.get(job.name, 0) / 60:.1f} |")
+    lines += ["", "| initialisation | labels | variant | runs | dev CER best.pt, mean (min-max) | averaged | "
+                  "averaged + LM (cross-tuned) |", "|---|---|---|---|---|---|---|"]
+    groups: dict[tuple[str, str, str], list[dict]] = {}
+    for job in jobs[1:]:
+        groups.setdefault((job.facts["init"], job.facts["labels"], job.facts["variant"]), []).append(scores[job.name])
+    for (init, labels, variant), group in groups.items():
+        cells = []
+        for pick in (lambda s: s["best"]["cer"], lambda s: s["averaged"]["cer"], lambda s: s["lm_cross"]["cer"]):
+            values = [pick(s) for s in group]
+            cells.append(f"{statistics.mean(values):.1%} ({min(values):.1%}-{max(values):.1%})")
+        lines.append(f"| {init} | {labels} | {variant or 'recipe'} | {len(group)} | {' | '.join(cells)} |")
+    variants = {job.facts["variant"]: job.facts["overrides"] for job in jobs[1:] if job.facts["variant"]}
+    if variants:
+        lines += ["", "Variants: " + "; ".join(f"{name}: `{' '.join(o)}`" for name, o in variants.items()) + "."]
     return "\n".join(lines) + "\n"
 
 
@@ -303,36 +401,61 @@ def main() -> int:
                         help="the model of every run (the small-data recipes' own)")
     parser.add_argument("--pretrain-updates", type=int, default=4000)
     parser.add_argument("--finetune-updates", type=int, default=4000)
+    parser.add_argument("--finetune-updates-10", type=int, default=3000,
+                        help="fine-tuning updates of the runs at 10%% of the labels (0: --finetune-updates)")
     parser.add_argument("--pretrain-seed", type=int, default=1)
     parser.add_argument("--seeds", type=int, default=3, help="fine-tuning seeds of each initialisation at 10%%")
+    parser.add_argument("--variant", type=Variant.parse, action="append", default=None,
+                        help="'NAME pretrained|random 10%%|100%% SEEDS [dotted.key=value ...]': runs with changed "
+                             "settings (repeatable; default: 'nospeed pretrained 100%% 1 data.augment.speed=[]')")
+    parser.add_argument("--pretrain-override", action="append", default=[],
+                        help="dotted.key=value for the pretraining job (repeatable)")
+    parser.add_argument("--inits", type=lambda t: t.split(","), default=["pretrained", "random"],
+                        help="the initialisations to fine-tune from (default pretrained,random)")
+    parser.add_argument("--stage", choices=("all", "train", "score"), default="all",
+                        help="train: shards, training and emissions; score: LM, scores and tables from them")
     parser.add_argument("--parallel", type=int, default=16, help="training jobs at a time")
     parser.add_argument("--deadline-minutes", type=float, default=0.0,
                         help="stop every job (with a checkpoint) before this much time has passed; 0: no limit")
     parser.add_argument("--quick", action="store_true", help="a few updates of a tiny model (CPU check)")
     args = parser.parse_args()
+    if not set(args.inits) <= {"pretrained", "random"}:
+        sys.exit(f"--inits: pretrained and/or random, got {','.join(args.inits)}")
+    if args.variant is None:
+        args.variant = [Variant.parse("nospeed pretrained 100% 1 data.augment.speed=[]")]
     an4 = Path(args.an4).resolve()
     if not (an4 / "train.tsv").is_file():
         sys.exit(f"{an4}/train.tsv not found: pass --an4 (the AN4 folder with train.tsv and audio/)")
     out = Path(args.output).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    settings = {k: v for k, v in vars(args).items() if k not in ("deadline_minutes", "parallel")}
+    # what decides the results (not where the data and runs are, nor how they are scheduled)
+    ignored = ("deadline_minutes", "parallel", "stage", "an4", "output")
+    settings = {k: v for k, v in vars(args).items() if k not in ignored}
+    settings["variant"] = [vars(v) for v in args.variant]
     saved = out / "settings.json"
     if saved.is_file() and json.loads(saved.read_text()) != settings:
         sys.exit(f"{out} holds a run with other settings ({saved}); choose another --output")
     saved.write_text(json.dumps(settings, indent=1) + "\n")
     data = out / "data"
     data.mkdir(exist_ok=True)
-    info = make_data(an4, data)
+    info = split_data(an4, data)
     jobs = plan_jobs(args, out, data)
-    if not run_jobs(jobs, out, args.deadline_minutes, args.parallel):
-        print("deadline reached: run the same command again to go on", flush=True)
-        return 3
+    if args.stage in ("all", "train"):
+        make_shards(data)
+        if not run_jobs(jobs, out, data, args.deadline_minutes, args.parallel, "cpu" if args.quick else "auto"):
+            print("deadline reached: run the same command again to go on", flush=True)
+            return 3
+        if args.stage == "train":
+            return 0
+    missing = [j.name for j in jobs[1:] if not has_emissions(out / j.name)]
+    if missing:
+        sys.exit(f"no emissions for {', '.join(missing)}: run --stage train first")
     lm = out / "lm"
     if not (lm / "lm.json").is_file():
-        cli(["build-lm", str(data / "train"), "--output", str(lm), "--order", "4"], out / "lm.log")
-    device = "cpu" if args.quick else "auto"
-    pending = {j.name: subprocess.Popen([PY, __file__, "--score", str(out / j.name), str(data), str(lm), device],
-                                        cwd=REPO) for j in jobs[1:] if not (out / j.name / "scores.json").is_file()}
+        cli(["build-lm", str(data / "split" / "train.tsv"), "--output", str(lm), "--order", "4"], out / "lm.log")
+    pending = {j.name: subprocess.Popen([PY, __file__, "--score", str(out / j.name), str(lm), str(args.quick)],
+                                        cwd=REPO)
+               for j in jobs[1:] if not (out / j.name / "scores.json").is_file()}
     for name, proc in pending.items():
         if proc.wait() != 0:
             sys.exit(f"scoring {name} failed; see {out / name / 'scoring.log'}")
@@ -340,14 +463,17 @@ def main() -> int:
     curves(jobs, out)
     table = report(jobs, out, info, scores)
     (out / "results.md").write_text(table)
-    (out / "summary.json").write_text(json.dumps({"data": info, "times_s": json.loads(
-        (out / "times.json").read_text()), "scores": scores}, indent=1) + "\n")
+    times = json.loads((out / "times.json").read_text()) if (out / "times.json").is_file() else {}
+    (out / "summary.json").write_text(json.dumps({"data": info, "times_s": times, "scores": scores}, indent=1) + "\n")
     print(table)
     return 0
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 6 and sys.argv[1] == "--score":  # one run's scoring, in its own process
-        score_run(Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4]), sys.argv[5])
+    if len(sys.argv) == 5 and sys.argv[1] == "--score":  # one run's scoring, in its own process
+        score_run(Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4] == "True")
+        sys.exit(0)
+    if len(sys.argv) == 5 and sys.argv[1] == "--emissions":  # one run's emissions, in its own process
+        save_emissions(Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4])
         sys.exit(0)
     sys.exit(main())
