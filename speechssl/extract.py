@@ -12,7 +12,8 @@ files, directories, manifests or shard directories (as for ``python -m finetune 
 Formats, in DIR:
 
 - ``npy``: ``layer{K}/{file}.npy`` of shape ``(frames, dim)`` per utterance and layer, and
-  ``index.tsv`` (id, file, frames, the utterance's metadata as JSON);
+  ``index.tsv`` (id, file, frames, the utterance's metadata as JSON); ``{file}`` is the id made
+  safe for a file name plus a hash of the exact id, so distinct ids never share a file;
 - ``shards``: webdataset tars ``features-NNNNNN.tar`` whose samples hold ``layer{K}.npy`` next to
   the utterance's metadata (``json``, with ``frames`` and ``layers`` added);
 - ``safetensors``: ``features-NNNNNN.safetensors`` with tensors ``{id}/layer{K}`` and the ids and
@@ -22,18 +23,28 @@ Utterances are batched by padded audio length (``--batch-seconds``) on the GPU w
 optionally in fp16 or bf16 (``--dtype``); each runs on its own samples, so its features do not
 depend on the batching. A recording longer than ``--max-seconds`` goes through overlapping
 windows (``--window-seconds``, ``--overlap-seconds``) stitched to the single pass's frames.
-The run is resumable: what DIR already holds (complete files only) is skipped, so a killed
-extraction started again finishes the rest without duplicates; ``extract.json`` records the
-settings, and resuming with other ones is refused. :func:`read_features` reads any
-of the three formats back.
+One run at a time writes DIR (it is locked). The run is resumable: what DIR already holds
+(complete files only) is skipped, so a killed extraction started again finishes the rest without
+duplicates, and the same command run again on a finished DIR writes nothing. ``extract.json``
+records the settings (model, inputs, layers, format, dtype, normalisation); a run with other ones is
+refused, unless ``--overwrite`` is given: it deletes what an extraction wrote to DIR first.
+:func:`read_features` reads any of the three formats back.
+
+Utterances that cannot be extracted are skipped, counted by reason in the summary's ``skipped``
+and named on stderr: unreadable audio, fewer samples than the model's receptive field
+(``too_short``), an id that appeared earlier in the inputs (``duplicate_id``: the first one's
+features are kept) or an id holding a tab or line break (``bad_id``: index.tsv could not list it).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
 import json
+import math
 import re
+import shutil
 import sys
 import time
 from collections import Counter
@@ -44,9 +55,12 @@ import numpy as np
 import torch
 
 from speechssl.data.audio import normalize_audio
-from speechssl.data.inputs import SAMPLE_RATE, Utterance, batches, read_utterances
-from speechssl.features import LayerFeatures
+from speechssl.data.inputs import SAMPLE_RATE, Utterance, batches, read_utterances, skip
+from speechssl.features import LayerFeatures, min_input_samples
+from speechssl.locking import FolderLock, FolderLocked
 from speechssl.models.encoder import SpeechEncoder
+
+INDEX_HEADER = "id\tfile\tframes\tmeta\n"
 
 
 def load_encoder(source: str) -> tuple[SpeechEncoder, bool]:
@@ -79,8 +93,20 @@ def _meta(utt: Utterance) -> dict:
 
 
 def _file_name(uid: str) -> str:
-    """A file name for an utterance id (ids may hold slashes)."""
-    return re.sub(r"[^A-Za-z0-9._-]", "_", uid)
+    """A file name (no extension) for an utterance id: the id's characters that are safe in a file
+    name, for reading, then a hash of the exact id. The hash keeps apart ids that the safe part
+    makes equal (``sub/x`` and ``sub_x``, ``a b`` and ``a_b``; ``A`` and ``a`` on a case-insensitive
+    disk); the id itself is kept in ``index.tsv``."""
+    readable = re.sub(r"[^A-Za-z0-9._-]+", "_", uid).strip("._")[:80] or "utt"
+    digest = hashlib.sha256(uid.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+    return f"{readable}-{digest}"
+
+
+def _complete_lines(path: Path) -> list[str]:
+    """The lines of ``path`` that end in a newline: a killed writer's torn last line is left out.
+    Read as bytes, so that only a line feed ends a line (``str.splitlines`` also splits on characters
+    that JSON written with ``ensure_ascii=False`` keeps, such as U+2028, and text mode on CR)."""
+    return path.read_bytes().decode("utf-8").split("\n")[:-1]
 
 
 class NpyWriter:
@@ -92,14 +118,11 @@ class NpyWriter:
         for k in layers:
             (out / f"layer{k}").mkdir(parents=True, exist_ok=True)
         self.index = out / "index.tsv"
-        self.done: set[str] = set()
-        if self.index.is_file():
-            lines = self.index.read_text().split("\n")
-            complete = lines[1:-1]  # the last piece has no newline: unfinished (or empty)
-            self.done = {line.split("\t")[0] for line in complete}
-            self.index.write_text("\n".join(lines[:-1]) + "\n")
-        else:
-            self.index.write_text("id\tfile\tframes\tmeta\n")
+        lines = _complete_lines(self.index) if self.index.is_file() else []
+        if not lines or lines[0] + "\n" != INDEX_HEADER:  # a new folder, or killed while starting it
+            lines = [INDEX_HEADER.rstrip("\n")]
+        self.done = {line.split("\t")[0] for line in lines[1:]}
+        self.index.write_bytes("".join(line + "\n" for line in lines).encode("utf-8"))  # torn line dropped
 
     def write(self, utt: Utterance, states: list[np.ndarray]) -> None:
         name = _file_name(utt.id)
@@ -107,7 +130,7 @@ class NpyWriter:
             partial = self.out / f"layer{k}" / f"{name}.partial.npy"
             np.save(partial, state)
             partial.replace(self.out / f"layer{k}" / f"{name}.npy")
-        with self.index.open("a") as f:
+        with self.index.open("a", encoding="utf-8") as f:
             f.write(f"{utt.id}\t{name}.npy\t{len(states[0])}\t{json.dumps(_meta(utt), ensure_ascii=False)}\n")
         self.done.add(utt.id)
 
@@ -126,11 +149,14 @@ class _ChunkWriter:
         out.mkdir(parents=True, exist_ok=True)
         for stale in out.glob(f"*{self.suffix}.partial"):
             stale.unlink()
-        existing = sorted(out.glob(f"features-*{self.suffix}"))
+        pattern = re.compile(rf"features-(\d+){re.escape(self.suffix)}")
+        existing = [p for p in sorted(out.iterdir()) if pattern.fullmatch(p.name)]
         self.done: set[str] = set()
         for path in existing:
             self.done.update(self.ids_in(path))
-        self.number = len(existing)
+        # After the last file, not after the count: a file deleted by hand must not make the next
+        # one overwrite a file that is still there.
+        self.number = max((int(pattern.fullmatch(p.name)[1]) + 1 for p in existing), default=0)
         self.pending: list[tuple[Utterance, list[np.ndarray]]] = []
 
     def write(self, utt: Utterance, states: list[np.ndarray]) -> None:
@@ -208,8 +234,8 @@ def read_features(folder: str | Path) -> Iterator[tuple[str, dict[int, np.ndarra
     ``folder``, whatever its format."""
     folder = Path(folder)
     if (folder / "index.tsv").is_file():
-        lines = (folder / "index.tsv").read_text().splitlines()[1:]
-        layers = sorted(int(d.name[5:]) for d in folder.glob("layer*") if d.is_dir())
+        lines = _complete_lines(folder / "index.tsv")[1:]
+        layers = sorted(int(d.name[5:]) for d in folder.iterdir() if d.is_dir() and re.fullmatch(r"layer\d+", d.name))
         for line in lines:
             uid, name, _, meta = line.split("\t", 3)
             yield uid, {k: np.load(folder / f"layer{k}" / name) for k in layers}, json.loads(meta)
@@ -241,10 +267,23 @@ def check_settings(out: Path, settings: dict) -> None:
         if differ:
             raise ValueError(f"{out} holds an extraction with other settings "
                              f"({', '.join(f'{k}: {a!r} there, {b!r} now' for k, (a, b) in differ.items())}); "
-                             "choose another --output")
+                             "choose another --output, or pass --overwrite to replace it")
         return
     out.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(settings, indent=1) + "\n")
+
+
+def clear_outputs(out: Path) -> None:
+    """Delete what an extraction writes in ``out`` (settings, index, layer folders, feature files,
+    unfinished ``.partial`` files), and nothing else: ``out`` may hold other files."""
+    if not out.is_dir():
+        return
+    for path in out.iterdir():
+        if path.is_dir() and re.fullmatch(r"layer\d+", path.name):
+            shutil.rmtree(path)
+        elif path.is_file() and (path.name in ("extract.json", "index.tsv") or path.name.endswith(".partial")
+                                 or re.fullmatch(r"features-\d+\.(tar|safetensors)", path.name)):
+            path.unlink()
 
 
 def parse_layers(text: str) -> list[int] | str:
@@ -256,12 +295,46 @@ def parse_layers(text: str) -> list[int] | str:
         raise argparse.ArgumentTypeError(f"--layers: indices like 6,12, or all, or last; got {text!r}") from None
 
 
+def check_arguments(args: argparse.Namespace) -> None:
+    """Raise ValueError naming the first argument that cannot work, before the model is loaded."""
+    for name in args.inputs:
+        if not Path(name).exists():
+            raise ValueError(f"input {name} does not exist")
+    for flag, value in (("--batch-seconds", args.batch_seconds), ("--max-seconds", args.max_seconds),
+                        ("--window-seconds", args.window_seconds)):
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"{flag} must be a positive number of seconds, got {value}")
+    if not (math.isfinite(args.overlap_seconds) and 0 <= args.overlap_seconds < args.window_seconds):
+        raise ValueError(f"--overlap-seconds must be at least 0 and less than --window-seconds "
+                         f"({args.window_seconds}), got {args.overlap_seconds}")
+    if args.per_file < 1:
+        raise ValueError(f"--per-file must be at least 1, got {args.per_file}")
+    if args.workers < 0:
+        raise ValueError(f"--workers must be 0 or more, got {args.workers}")
+
+
+def window_samples(features: LayerFeatures, window_seconds: float, overlap_seconds: float) -> tuple[int, int]:
+    """The window and overlap in samples, rounded down to whole frames; ValueError (in the flags'
+    terms) when the model cannot stitch windows of that size (see
+    :meth:`LayerFeatures.window_plan`)."""
+    stride, field = features.stride, min_input_samples(features.model)
+    window = int(window_seconds * SAMPLE_RATE) // stride * stride
+    overlap = int(overlap_seconds * SAMPLE_RATE) // stride * stride
+    if not 2 * field <= overlap < window:
+        raise ValueError(f"--window-seconds {window_seconds} and --overlap-seconds {overlap_seconds}, in whole "
+                         f"frames of {stride} samples: {window / SAMPLE_RATE:g} s and {overlap / SAMPLE_RATE:g} s; "
+                         f"this model needs {2 * field / SAMPLE_RATE:g} s <= overlap < window")
+    return window, overlap
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m speechssl.extract", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", help="a run folder, a model file, or hf:NAME_OR_PATH")
     parser.add_argument("inputs", nargs="+", help="audio files, directories, manifests or shard directories")
     parser.add_argument("--output", required=True, help="the folder to write (and to resume in)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="delete what an earlier extraction wrote to --output first, whatever its settings")
     parser.add_argument("--layers", type=parse_layers, default="last", help="e.g. 6,12, or all, or last")
     parser.add_argument("--format", choices=["npy", "shards", "safetensors"], default="npy")
     parser.add_argument("--per-file", type=int, default=1000, help="utterances per tar or safetensors file")
@@ -273,35 +346,54 @@ def main(argv: list[str] | None = None) -> int:
                         help="zero mean, unit variance per utterance, for models pretrained with data.normalize")
     parser.add_argument("--batch-seconds", type=float, default=300.0, help="padded audio per batch")
     parser.add_argument("--max-seconds", type=float, default=60.0, help="longer recordings are windowed")
-    parser.add_argument("--window-seconds", type=float, default=30.0)
-    parser.add_argument("--overlap-seconds", type=float, default=4.0)
+    parser.add_argument("--window-seconds", type=float, default=30.0, help="window length for long recordings")
+    parser.add_argument("--overlap-seconds", type=float, default=4.0,
+                        help="overlap of consecutive windows (less than --window-seconds)")
     parser.add_argument("--workers", type=int, default=2, help="processes decoding shards")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     try:
+        check_arguments(args)
         model, normalize = load_encoder(args.model)
         features = LayerFeatures(model, args.layers)
+        window, overlap = window_samples(features, args.window_seconds, args.overlap_seconds)
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     normalize = normalize or args.normalize
+    out = Path(args.output)
+    settings = {"model": args.model if args.model.startswith("hf:") else str(Path(args.model).resolve()),
+                "inputs": [str(Path(name).resolve()) for name in args.inputs], "layers": features.layers,
+                "format": args.format, "save_dtype": args.save_dtype, "normalize": normalize}
+    lock = FolderLock(out, "extract")
+    try:
+        lock.acquire()
+        if args.overwrite:
+            clear_outputs(out)
+        check_settings(out, settings)
+    except (FolderLocked, ValueError) as err:
+        lock.release()
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    try:
+        summary = extract(args, features, out, normalize, window, overlap)
+    finally:
+        lock.release()
+    print(json.dumps(summary))
+    return 0
+
+
+def extract(args: argparse.Namespace, features: LayerFeatures, out: Path, normalize: bool, window: int,
+            overlap: int) -> dict:
+    """Write the features of every utterance of ``args.inputs`` not yet in ``out``; the summary."""
+    model = features.model
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
     features.to(device)
     model.extract_per_utterance = True  # features that do not depend on what they were batched with
-    out = Path(args.output)
-    settings = {"model": args.model, "layers": features.layers, "format": args.format, "save_dtype": args.save_dtype,
-                "normalize": normalize}
-    try:
-        check_settings(out, settings)
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
     writer = {"npy": lambda: NpyWriter(out, features.layers),
               "shards": lambda: ShardWriter(out, features.layers, args.per_file),
               "safetensors": lambda: SafetensorsWriter(out, features.layers, args.per_file)}[args.format]()
-    window = int(args.window_seconds * SAMPLE_RATE) // features.stride * features.stride
-    overlap = int(args.overlap_seconds * SAMPLE_RATE) // features.stride * features.stride
     autocast = torch.autocast(device.type, dtype={"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.dtype),
                               enabled=args.dtype != "fp32")
     save_dtype = np.dtype(args.save_dtype)
@@ -311,7 +403,16 @@ def main(argv: list[str] | None = None) -> int:
     bar = tqdm(unit="utt", disable=args.quiet, dynamic_ncols=True)
 
     def todo():
-        for utt in read_utterances(args.inputs, skipped, args.workers):
+        seen: set[str] = set()
+        for utt in read_utterances(args.inputs, skipped, args.workers, min_samples=min_input_samples(model)):
+            if any(c in utt.id for c in "\t\n\r"):
+                skip(skipped, repr(utt.id), "bad_id", "bad_id: a tab or line break in the id")
+                continue
+            if utt.id in seen:
+                skip(skipped, utt.id, "duplicate_id", "duplicate_id: an earlier utterance has this id "
+                     "(its features are kept)")
+                continue
+            seen.add(utt.id)
             if utt.id in writer.done:
                 counts["already written"] += 1
                 bar.update(1)
@@ -353,12 +454,10 @@ def main(argv: list[str] | None = None) -> int:
         bar.close()
     seconds = time.perf_counter() - start  # reading, computing and writing; not the model's loading
     audio = counts.pop("audio_seconds", 0.0)
-    summary = {"output": str(out), "format": args.format, "layers": features.layers, **counts,
-               "skipped": dict(skipped), "audio_seconds": round(audio, 1), "seconds": round(seconds, 2),
-               "audio_seconds_per_second": round(audio / max(seconds, 1e-9), 1),
-               "real_time_factor": round(seconds / audio, 5) if audio else None}
-    print(json.dumps(summary))
-    return 0
+    return {"output": str(out), "format": args.format, "layers": features.layers, **counts,
+            "skipped": dict(skipped), "audio_seconds": round(audio, 1), "seconds": round(seconds, 2),
+            "audio_seconds_per_second": round(audio / max(seconds, 1e-9), 1),
+            "real_time_factor": round(seconds / audio, 5) if audio else None}
 
 
 if __name__ == "__main__":

@@ -14,6 +14,9 @@ output of layer i (of stack i for the Zipformer). ``layers`` is a list of indice
 ``"last"``. The model runs in eval mode, without masking or quantizer, and only up to the deepest
 selected layer.
 
+:func:`min_input_samples` is the shortest input a model runs on (its extractor's receptive
+field): shorter utterances have no frame at all and are skipped by extraction.
+
 A recording too long for one pass goes through :meth:`LayerFeatures.windowed`: overlapping
 windows, each keeping the frames nearest its centre, stitched into the single pass's frames in
 bounded memory.
@@ -48,6 +51,12 @@ class LayerOutput:
     lengths: Tensor | None
     weighted: Tensor | None = None
     captured: dict[str, Tensor] = field(default_factory=dict)
+
+
+def min_input_samples(model: SpeechEncoder) -> int:
+    """The fewest samples (16 kHz) ``model`` gives a frame for: its feature extractor's receptive
+    field (400 for the convolutional encoder's default layers, 560 for filterbanks stacked by 2)."""
+    return model.feature_extractor.receptive_field
 
 
 def _first_tensor(value) -> Tensor | None:

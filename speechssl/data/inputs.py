@@ -4,7 +4,7 @@ tree), manifests (TSV, JSONL, fairseq) or shard directories, resampled to 16 kHz
     skipped = Counter()
     for utt in read_utterances(["audio/", "data/dev"], skipped):   # Utterance(id, audio, text, meta)
         ...
-    skipped    # unreadable inputs by reason, each also reported on stderr
+    skipped    # unreadable (or too short) inputs by reason, each also reported on stderr
 
 Used by transcription, evaluation and feature extraction.
 """
@@ -32,26 +32,40 @@ class Utterance:
     meta: dict = field(default_factory=dict)
 
 
-def _skip(skipped: Counter, name: str, reason: str, detail: str) -> None:
+def skip(skipped: Counter, name: str, reason: str, detail: str) -> None:
+    """Count ``name`` as skipped for ``reason`` and say why on stderr."""
     skipped[reason] += 1
     print(f"skipped {name}: {detail}", file=sys.stderr)
 
 
-def _shard_utterances(directory: Path, skipped: Counter, workers: int) -> Iterator[Utterance]:
+def _too_short(skipped: Counter, name: str, samples: int, min_samples: int) -> bool:
+    """Whether an utterance of ``samples`` is under ``min_samples`` (then counted as skipped)."""
+    if samples >= min_samples:
+        return False
+    skip(skipped, name, "too_short", f"too_short: {samples} samples, fewer than the {min_samples} needed")
+    return True
+
+
+def _shard_utterances(directory: Path, skipped: Counter, workers: int, min_samples: int) -> Iterator[Utterance]:
     from speechssl.data import DataConfig, make_loader
 
     config = DataConfig(shards=[str(directory)], max_tokens=SAMPLE_RATE * 600, max_sample_size=SAMPLE_RATE * 600,
                         min_sample_size=0, crop=False, crop_to_shortest=False, num_workers=workers)
     for batch in make_loader(config, train=False):
         for key, reason in batch.metadata["skipped"]:
-            _skip(skipped, key, reason.split(":")[0], reason)
+            skip(skipped, key, reason.split(":")[0], reason)
         for row, n, meta in zip(batch.waveforms, batch.lengths.tolist(), batch.metadata["samples"], strict=True):
             meta = {k: v for k, v in meta.items() if k != "__shard__"}
-            yield Utterance(meta.get("id", meta["__key__"]), row[:n].numpy(), meta.get("text"), meta)
+            uid = meta.get("id", meta["__key__"])
+            if not _too_short(skipped, uid, n, min_samples):
+                yield Utterance(uid, row[:n].numpy(), meta.get("text"), meta)
 
 
-def read_utterances(inputs: list[str], skipped: Counter, workers: int = 0) -> Iterator[Utterance]:
-    """Every utterance of ``inputs``, in order; unreadable ones are counted in ``skipped`` by reason.
+def read_utterances(inputs: list[str], skipped: Counter, workers: int = 0,
+                    min_samples: int = 0) -> Iterator[Utterance]:
+    """Every utterance of ``inputs``, in order; unreadable ones are counted in ``skipped`` by reason,
+    and so are those of fewer than ``min_samples`` samples at 16 kHz (reason ``too_short``: a model
+    cannot run on less than its receptive field, see :func:`speechssl.features.min_input_samples`).
     ``workers``: processes decoding shards (0: this one)."""
     from data_tools.audio import BadAudio, prepare, read_audio
     from data_tools.sources import Entry, read_source
@@ -60,7 +74,7 @@ def read_utterances(inputs: list[str], skipped: Counter, workers: int = 0) -> It
     for name in inputs:
         path = Path(name)
         if (path / INDEX).is_file():
-            yield from _shard_utterances(path, skipped, workers)
+            yield from _shard_utterances(path, skipped, workers, min_samples)
             continue
         is_audio_file = path.is_file() and path.suffix.lower() not in (".tsv", ".jsonl", ".json", ".txt", ".csv")
         entries = [Entry(id=path.stem, path=str(path))] if is_audio_file else read_source(path)[0]
@@ -69,7 +83,9 @@ def read_utterances(inputs: list[str], skipped: Counter, workers: int = 0) -> It
                 samples, rate = read_audio(entry.path)
                 audio = prepare(samples, rate, SAMPLE_RATE, min_seconds=0.03, max_seconds=float("inf"))
             except BadAudio as e:
-                _skip(skipped, entry.id, e.reason, str(e))
+                skip(skipped, entry.id, e.reason, str(e))
+                continue
+            if _too_short(skipped, entry.id, len(audio), min_samples):
                 continue
             meta = {"id": entry.id, "path": entry.path, **({"text": entry.text} if entry.text is not None else {}),
                     **({"speaker": entry.speaker} if entry.speaker is not None else {}), **entry.extra}
