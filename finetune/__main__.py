@@ -58,10 +58,15 @@ def load_pretrained(source: str, seed: int = 1):
 def load_config(path: str, overrides: list[str]):
     """The validated job config; every check that needs no model runs here (shards, DeepSpeed)."""
     from finetune.config import FinetuneConfig
+    from speechssl.data.shardset import ShardSet
     from speechssl.training.job import check_job
 
     config = build(FinetuneConfig, path, overrides)
     check_job(config.data, config.valid_shards, config.trainer)
+    for key, sources in (("data.shards", config.data.shards), ("valid_shards", config.valid_shards)):
+        if sources and not ShardSet(sources).charset():
+            raise ConfigError(f"{key}: {', '.join(sources)} hold no transcripts (the index lists no characters): "
+                              "CTC fine-tuning needs labelled shards (make-shards from a manifest with text)")
     return config
 
 
@@ -91,12 +96,15 @@ def train(config, encoder) -> dict:
     from finetune.task import FinetuneTask
     from speechssl.training.distributed import init_distributed, pick_device
     from speechssl.training.job import make_loaders
+    from speechssl.training.run_folder import open_run_folder
     from speechssl.training.trainer import Trainer, setup_logging
 
     device = pick_device(config.trainer.device)
     rank, world = init_distributed(device)
     setup_logging(rank)
-    train_loader, valid_loader = make_loaders(config.data, config.valid_shards, rank, world)
+    lock = open_run_folder(config, rank, device)  # noqa: F841  (held until the process ends)
+    train_loader, valid_loader = make_loaders(config.data, config.valid_shards, rank, world,
+                                              encoder.feature_extractor.receptive_field)
     shardset = train_loader.stream.shardset
     tokenizer = make_tokenizer(config, shardset, rank)
     task = FinetuneTask(config, encoder, tokenizer, shardset.sample_rate)
@@ -131,9 +139,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import torch.distributed as dist
 
-    result = train(config, encoder)
+    from speechssl.training.job import JOB_ERRORS
+
+    try:
+        result = train(config, encoder)
+    except JOB_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if dist.get_rank() == 0:
-        print(json.dumps({k: result[k] for k in ("output_dir", "checkpoint", "model", "update", "skipped_updates")}))
+        print(json.dumps({k: result[k] for k in ("output_dir", "checkpoint", "model", "update", "skipped_updates",
+                                                 "data")}))
     return 0
 
 

@@ -27,14 +27,18 @@ def load_config(path: str, overrides: list[str]):
 
 def train(config) -> dict:
     from pretrain.task import PretrainTask
+    from speechssl.models.encoder import receptive_field_of
     from speechssl.training.distributed import init_distributed, pick_device
     from speechssl.training.job import make_loaders
+    from speechssl.training.run_folder import open_run_folder
     from speechssl.training.trainer import Trainer, setup_logging
 
     device = pick_device(config.trainer.device)
     rank, world = init_distributed(device)
     setup_logging(rank)
-    train_loader, valid_loader = make_loaders(config.data, config.valid_shards, rank, world)
+    lock = open_run_folder(config, rank, device)  # noqa: F841  (held until the process ends)
+    train_loader, valid_loader = make_loaders(config.data, config.valid_shards, rank, world,
+                                              receptive_field_of(config.model))
     task = PretrainTask(config.model, config.trainer.max_updates, train_loader.stream.shardset.sample_rate)
     return Trainer(task, config.trainer, train_loader, valid_loader).fit()
 
@@ -67,9 +71,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import torch.distributed as dist
 
-    result = train(config)
+    from speechssl.training.job import JOB_ERRORS
+
+    try:
+        result = train(config)
+    except JOB_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if dist.get_rank() == 0:
-        print(json.dumps({k: result[k] for k in ("output_dir", "checkpoint", "model", "update", "skipped_updates")}))
+        print(json.dumps({k: result[k] for k in ("output_dir", "checkpoint", "model", "update", "skipped_updates",
+                                                 "data")}))
     return 0
 
 

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+
+from speechssl.training.metrics_log import read_metrics
 
 PANELS = [
     ("loss per masked frame", ["loss"], True),
@@ -21,7 +22,7 @@ def load_metrics(run_dir: str | Path) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found (is {run_dir} a run folder?)")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return read_metrics(path)
 
 
 def render(run_dir: str | Path, output: str | Path | None = None) -> Path:

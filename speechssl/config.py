@@ -322,15 +322,25 @@ def _describe(e: OmegaConfBaseException, prefix: str) -> str:
     return f"{full_key}: {msg}"
 
 
-def _to_object(schema: type[T], node: DictConfig) -> T:
+def _check_finite(value: Any, key: str) -> None:
+    """No setting of any schema is meant to be NaN or infinite (``trainer.lr=.inf`` would train
+    nothing and export non-finite weights, yet every other check passes)."""
+    numbers = value if isinstance(value, list) else [value]
+    for number in numbers:
+        if isinstance(number, float) and not math.isfinite(number):
+            raise ConfigError(f"{key}: must be a finite number, got {number}")
+
+
+def _to_object(schema: type[T], node: DictConfig, key: str = "") -> T:
     """Instantiate the dataclasses of a merged config (``__post_init__`` checks run here)."""
     values = {}
     for f in dataclasses.fields(schema):
-        value = node[f.name]
+        value, full_key = node[f.name], f"{key}.{f.name}" if key else f.name
         if isinstance(value, DictConfig) and _is_schema(OmegaConf.get_type(value)):
-            value = _to_object(OmegaConf.get_type(value), value)
+            value = _to_object(OmegaConf.get_type(value), value, full_key)
         elif OmegaConf.is_config(value):
             value = OmegaConf.to_container(value, resolve=True)
+        _check_finite(value, full_key)
         values[f.name] = value
     return schema(**values)
 

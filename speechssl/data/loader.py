@@ -19,6 +19,7 @@ import json
 import logging
 import multiprocessing
 import sys
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import NamedTuple, Optional
@@ -83,6 +84,7 @@ class DataConfig:
         check(self.crop or not self.crop_to_shortest, "data.crop_to_shortest",
               "crops; with crop: false (labelled data) set it to false")
         check(self.num_workers >= 0, "data.num_workers", "must be >= 0")
+        check(self.seed >= 0, "data.seed", f"must be >= 0, got {self.seed}")
         check(self.worker_start in ("default", "forkserver"), "data.worker_start",
               f"must be default or forkserver, got {self.worker_start!r}")
         check(self.worker_start == "default" or "forkserver" in multiprocessing.get_all_start_methods(),
@@ -90,10 +92,16 @@ class DataConfig:
         check(self.max_batch_size >= 0, "data.max_batch_size", "must be >= 0")
 
 
+class IndexMismatch(ValueError):
+    """A sample in a tar differs from what the shard index says of it."""
+
+
 class AudioBatch(NamedTuple):
     """waveforms: ``(B, S)`` float32, zero-padded; lengths: ``(B,)`` int64; metadata: ``samples``
-    (each sample's json plus ``__key__`` and ``__shard__``) and ``skipped`` (``[key, reason]`` of
-    samples of this batch that could not be decoded). B may be 0 when every sample was corrupt."""
+    (each sample's json plus ``__key__`` and ``__shard__``), ``skipped`` (``[key, reason]`` of
+    samples of this batch that could not be decoded or are missing from their tar) and, from the
+    loader, ``unlisted`` (``{shard path: count}`` of tar members the index does not list, read
+    since the previous batch). B may be 0 when every sample was corrupt."""
 
     waveforms: torch.Tensor
     lengths: torch.Tensor
@@ -125,9 +133,11 @@ def _distributed() -> tuple[int, int]:
 class ShardStream(IterableDataset):
     """The per-worker side: reads its slot's shards and yields the planned batches."""
 
-    def __init__(self, shardset: ShardSet, config: DataConfig, train: bool, rank: int, world_size: int):
+    def __init__(self, shardset: ShardSet, config: DataConfig, train: bool, rank: int, world_size: int,
+                 min_input_samples: int = 0):
         self.shardset, self.config, self.train = shardset, config, train
         self.rank, self.world_size = rank, world_size
+        self.min_input_samples = min_input_samples  # the model's receptive field: shorter samples are dropped
         self.epoch = 0
         self.skip = 0  # global batches of this epoch already consumed (resume)
         # validation and evaluation are never augmented
@@ -146,7 +156,8 @@ class ShardStream(IterableDataset):
                 return draw_speeds(c.augment.speed, c.seed, epoch, shard, count)
         return plan_epoch(self.shardset, self.epoch, seed=c.seed, train=self.train, world_size=self.world_size,
                           workers=self.workers, max_tokens=c.max_tokens, max_sample_size=c.max_sample_size,
-                          min_sample_size=c.min_sample_size, shuffle_buffer=c.shuffle_buffer,
+                          min_sample_size=c.min_sample_size, min_input_samples=self.min_input_samples,
+                          shuffle_buffer=c.shuffle_buffer,
                           crop_to_shortest=c.crop_to_shortest, max_batch_size=c.max_batch_size, crop=c.crop,
                           speeds_of=speeds_of)
 
@@ -172,13 +183,17 @@ class ShardStream(IterableDataset):
         order = {sid: i for i, sid in enumerate(shard_ids)}
         buffer: dict[tuple[int, int], tuple[bytes, bytes, str]] = {}
         corrupt: dict[tuple[int, int], str] = {}
+        unlisted: Counter[str] = Counter()  # tar members the index does not know (an index that does not fit)
         next_batch = 0
 
         def ready(done: tuple[int, int]) -> Iterator[AudioBatch]:
             nonlocal next_batch
             while next_batch < len(batches) and (
                     order[window_ends[next_batch][0]], window_ends[next_batch][1]) <= done:
-                yield self._collate(plan, batches[next_batch], buffer, corrupt)
+                batch = self._collate(plan, batches[next_batch], buffer, corrupt)
+                batch.metadata["unlisted"] = dict(unlisted)
+                unlisted.clear()
+                yield batch
                 next_batch += 1
 
         for sid in shard_ids:
@@ -188,7 +203,10 @@ class ShardStream(IterableDataset):
             positions = {k: p for p, k in enumerate(shard.keys)}
             for sample in self._tar_samples(shard.path):
                 pos = positions.get(sample["__key__"])
-                if pos is None or (sid, pos) not in wanted:
+                if pos is None:
+                    unlisted[shard.path] += 1
+                    continue
+                if (sid, pos) not in wanted:
                     continue
                 if "flac" not in sample or "json" not in sample:
                     corrupt[(sid, pos)] = "incomplete sample (flac or json missing)"
@@ -223,7 +241,11 @@ class ShardStream(IterableDataset):
                 continue
             flac, meta, path = entry
             try:
-                audio = self._decode(flac, it, plan.epoch)
+                audio = self._decode(flac, it, plan.epoch, plan)
+            except IndexMismatch as e:
+                log.warning("skipping sample %s in %s: %s", key, path, e)
+                skipped.append([key, f"index mismatch: {e}"])
+                continue
             except (sf.LibsndfileError, RuntimeError, ValueError) as e:
                 log.warning("skipping corrupt sample %s in %s: %s", key, path, e)
                 skipped.append([key, f"undecodable: {e}"])
@@ -236,10 +258,13 @@ class ShardStream(IterableDataset):
             batch[i, : len(w)] = torch.from_numpy(w)
         return AudioBatch(batch, lengths, {"samples": metas, "skipped": skipped})
 
-    def _decode(self, flac: bytes, item: Item, epoch: int) -> np.ndarray:
+    def _decode(self, flac: bytes, item: Item, epoch: int, plan: EpochPlan) -> np.ndarray:
         audio, rate = decode_audio(flac)
         if rate != self.shardset.sample_rate:
             raise ValueError(f"sample rate {rate}, the index says {self.shardset.sample_rate}")
+        listed = plan.shards[item.shard].lengths[item.position]
+        if len(audio) != listed:  # the batch plan (crops, buckets) was made from the index's lengths
+            raise IndexMismatch(f"{len(audio)} samples, the index says {listed} (rebuild the index with make-shards)")
         if not np.isfinite(audio).all():
             raise ValueError("NaN or Inf samples")
         audio = change_speed(audio, item.speed, rate)
@@ -256,9 +281,10 @@ class ShardStream(IterableDataset):
 class AudioLoader:
     """One epoch per ``iter()``; tracks what was consumed so ``state_dict`` can resume exactly.
 
-    ``stats`` counts, for the current epoch, the batches yielded, the samples dropped as too short
-    (or, without cropping, too long), the batches dropped to keep the ranks even, and the corrupt
-    samples skipped.
+    ``stats`` counts, for the current epoch (from the resume point, after a resume), the batches
+    and samples this rank yielded, the corrupt or missing samples it skipped (``skip_reasons``
+    says why), the tar members no index lists, and, over all ranks, the samples the plan dropped
+    as too short (or, without cropping, too long) and the batches dropped to keep the ranks even.
 
     In training, the workers of the next epoch start while the last ``8 x num_workers`` batches of
     the current one are consumed, so an epoch boundary does not stall the step on worker start-up
@@ -272,6 +298,8 @@ class AudioLoader:
         self.stats: dict[str, int] = {}
         self._next: tuple[tuple[int, int], Iterator[AudioBatch]] | None = None  # (epoch, skip), started
         self._warned_crop = False
+        self._warned_unlisted: set[str] = set()
+        self.skip_reasons: Counter[str] = Counter()  # the current epoch's skipped samples by reason
 
     def __len__(self) -> int:
         """Batches this rank yields in the current epoch."""
@@ -323,7 +351,8 @@ class AudioLoader:
         plan = self.stream.plan()
         self._check_crop(plan)
         self.stats = {"batches": self.consumed, "dropped_short": plan.dropped_short, "dropped_long": plan.dropped_long,
-                      "dropped_for_balance": plan.dropped_for_balance, "corrupt": 0}
+                      "dropped_for_balance": plan.dropped_for_balance, "corrupt": 0, "samples": 0, "unlisted": 0}
+        self.skip_reasons = Counter()
         started, self._next = self._next, None
         batches = started[1] if started and started[0] == (self.epoch, self.consumed) else self._start(
             self.epoch, self.consumed)
@@ -333,6 +362,14 @@ class AudioLoader:
             self.consumed += 1
             self.stats["batches"] += 1
             self.stats["corrupt"] += len(batch.metadata["skipped"])
+            self.stats["samples"] += len(batch.lengths)
+            self.skip_reasons.update(reason.split(":")[0] for _, reason in batch.metadata["skipped"])
+            for path, count in batch.metadata.get("unlisted", {}).items():
+                self.stats["unlisted"] += count
+                if path not in self._warned_unlisted:
+                    self._warned_unlisted.add(path)
+                    log.warning("shard %s holds samples its index.json does not list: they are not read "
+                                "(rebuild the shard set with make-shards)", path)
             if self.stream.train and workers and total - self.consumed == min(8 * workers, total - 1):
                 self._next = ((self.epoch + 1, 0), self._start(self.epoch + 1, 0))
             yield batch
@@ -351,10 +388,12 @@ class AudioLoader:
 
 
 def make_loader(config: DataConfig, train: bool, rank: int | None = None,
-                world_size: int | None = None) -> AudioLoader:
-    """A loader for this process's rank (from torch.distributed unless given)."""
+                world_size: int | None = None, min_input_samples: int = 0) -> AudioLoader:
+    """A loader for this process's rank (from torch.distributed unless given). Samples shorter
+    than ``min_input_samples`` (the model's receptive field) are dropped and counted."""
     if rank is None or world_size is None:
         rank, world_size = _distributed()
     if not config.shards:
         raise ValueError("data.shards: no shard directory or pattern given")
-    return AudioLoader(ShardStream(ShardSet(config.shards, config.weights), config, train, rank, world_size))
+    return AudioLoader(ShardStream(ShardSet(config.shards, config.weights), config, train, rank, world_size,
+                                   min_input_samples))

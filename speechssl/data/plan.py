@@ -86,7 +86,7 @@ def deal(shards: list[Shard], world_size: int, workers: int) -> list[list[int]]:
 
 def plan_slot(shards: list[Shard], shard_ids: list[int], *, train: bool, max_tokens: int, max_sample_size: int,
               min_sample_size: int, shuffle_buffer: int, crop_to_shortest: bool, max_batch_size: int,
-              rng: np.random.Generator, crop: bool = True,
+              min_input_samples: int = 0, rng: np.random.Generator, crop: bool = True,
               speeds_of: Callable[[int, int], list[float]] | None = None) -> SlotPlan:
     """``crop``: training samples longer than ``max_sample_size`` are randomly cropped to it;
     without (labelled data), they are dropped and counted. ``speeds_of(shard, count)``: the speed
@@ -100,7 +100,7 @@ def plan_slot(shards: list[Shard], shard_ids: list[int], *, train: bool, max_tok
             if factors is not None:
                 speeds[sid, pos] = factors[pos]
                 length = speed_length(length, factors[pos])
-            if train and length < min_sample_size:
+            if length < min_input_samples or (train and length < min_sample_size):
                 plan.dropped_short += 1
                 continue
             if train and not crop and length > max_sample_size:
@@ -170,15 +170,18 @@ class EpochPlan:
 
 def plan_epoch(shardset: ShardSet, epoch: int, *, seed: int, train: bool, world_size: int, workers: int,
                max_tokens: int, max_sample_size: int, min_sample_size: int, shuffle_buffer: int,
-               crop_to_shortest: bool, max_batch_size: int, crop: bool = True,
+               crop_to_shortest: bool, max_batch_size: int, crop: bool = True, min_input_samples: int = 0,
                speeds_of: Callable[[int, int], list[float]] | None = None) -> EpochPlan:
-    """``speeds_of(shard, count)``: the speed perturbation of the training samples of an epoch shard."""
+    """``speeds_of(shard, count)``: the speed perturbation of the training samples of an epoch shard.
+    ``min_input_samples``: shorter samples (after speed perturbation) are dropped in training and
+    validation alike, and counted in ``dropped_short``: the model gives them no frame."""
     shards = epoch_shards(shardset, epoch, seed, shuffle=train)
     slots = []
     for slot, ids in enumerate(deal(shards, world_size, workers)):
         rng = np.random.default_rng([seed, epoch, 1, slot])
         slots.append(plan_slot(shards, ids, train=train, max_tokens=max_tokens, max_sample_size=max_sample_size,
-                               min_sample_size=min_sample_size, shuffle_buffer=shuffle_buffer,
+                               min_sample_size=min_sample_size, min_input_samples=min_input_samples,
+                               shuffle_buffer=shuffle_buffer,
                                crop_to_shortest=crop_to_shortest, max_batch_size=max_batch_size, rng=rng,
                                crop=crop, speeds_of=speeds_of))
     counts = [[len(slots[r * workers + w].batches) for w in range(workers)] for r in range(world_size)]

@@ -31,9 +31,19 @@ def read_index(directory: str | Path) -> dict:
         raise FileNotFoundError(f"shard directory {directory} does not exist")
     if not path.is_file():
         raise FileNotFoundError(f"{directory}: no {INDEX} (not a shard directory, or its build did not finish)")
-    index = json.loads(path.read_text())
-    if index.get("format") != FORMAT:
+    try:
+        index = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(index, dict) or index.get("format") != FORMAT:
         raise ValueError(f"{path}: not a speechssl shard index")
+    shards = index.get("shards")
+    if not isinstance(shards, list) or not all(isinstance(s, dict) and {"name", "keys", "lengths"} <= s.keys()
+                                               for s in shards):
+        raise ValueError(f"{path}: no valid 'shards' list (each shard needs name, keys and lengths); "
+                         "rebuild it with make-shards")
+    if not isinstance(index.get("sample_rate"), int):
+        raise ValueError(f"{path}: no integer 'sample_rate'")
     return index
 
 

@@ -19,6 +19,13 @@ from speechssl.models.frontend import Frontend, GradMultiply
 from speechssl.objectives.masking import compute_channel_mask, compute_span_mask
 
 
+def receptive_field_of(config: ModelConfig) -> int:
+    """The fewest samples a model of ``config`` gives a frame for (its feature extractor's receptive
+    field), without building the model."""
+    fbank = config.extractor.type == "fbank"
+    return (FbankExtractor(config.extractor) if fbank else FeatureExtractor(config.extractor)).receptive_field
+
+
 class SpeechEncoder(nn.Module):
     """Extractor, frontend and context network built from a :class:`ModelConfig`."""
 

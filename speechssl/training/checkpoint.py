@@ -4,11 +4,16 @@ Layout: ``checkpoints/update_00000100/`` holds DeepSpeed's files (model, optimiz
 one ``rank{r}.pt`` per rank (data loader state, RNG states) and, once every rank has finished,
 ``COMPLETE``. ``checkpoints/LATEST`` names the newest complete one and is replaced atomically after
 it is complete, so a save killed half-way leaves the previous checkpoint in charge.
+
+Every file of a checkpoint is read with ``torch.load(weights_only=True)`` (``safe_load``), DeepSpeed's
+too (``use_safe_loading``): tensors, plain containers and a short list of known classes, never
+arbitrary pickled objects, so resuming from a checkpoint folder someone else wrote runs no code.
 """
 
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import shutil
 from pathlib import Path
@@ -17,6 +22,42 @@ import numpy as np
 import torch
 
 from speechssl.training.distributed import barrier
+
+
+class UnsafeCheckpoint(ValueError):
+    """A checkpoint file holds pickled objects other than tensors and plain data."""
+
+
+def _allowed_classes() -> list:
+    """What our checkpoints hold besides tensors and plain containers: numpy arrays (the RNG
+    state), and DeepSpeed's loss scaler, ZeRO stage and fragment records (its optimizer states)."""
+    import numpy as np
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [np._core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32)),
+            LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def safe_load(path: str | Path, map_location=None):
+    """``torch.load`` that refuses pickled code (UnsafeCheckpoint) instead of running it."""
+    with torch.serialization.safe_globals(_allowed_classes()):
+        try:
+            return torch.load(path, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as e:
+            detail = next((line.strip() for line in str(e).splitlines() if "Unsupported" in line), str(e)[:200])
+            raise UnsafeCheckpoint(f"refusing to load {path}: it holds pickled objects that are not weights or "
+                                   f"plain data ({detail}); loading it could run code. Resume only from "
+                                   "checkpoints this project wrote.") from None
+
+
+def use_safe_loading(engine) -> None:
+    """Make DeepSpeed read checkpoint files through ``safe_load`` (its own engine loads with
+    ``weights_only=False``). Every load of model, optimizer and ZeRO states goes through
+    ``engine.checkpoint_engine.load``."""
+    engine.checkpoint_engine.load = safe_load
+
 
 LATEST = "LATEST"
 COMPLETE = "COMPLETE"
@@ -91,5 +132,5 @@ def load(engine, folder: Path, rank: int) -> tuple[int, dict | None]:
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load {folder}")
     own = folder / f"rank{rank}.pt"
-    rank_state = torch.load(own, weights_only=False) if own.is_file() else None
+    rank_state = safe_load(own) if own.is_file() else None
     return int(client["update"]), rank_state

@@ -113,6 +113,11 @@ class TrainerConfig:
         check(self.update_freq >= 1, "trainer.update_freq", "must be >= 1")
         check(self.lr > 0, "trainer.lr", "must be > 0")
         check(self.warmup_updates >= 0, "trainer.warmup_updates", "must be >= 0")
+        check(0 <= self.end_lr <= self.lr, "trainer.end_lr", f"must be in [0, trainer.lr], got {self.end_lr}")
+        check(self.init_lr_scale >= 0 and self.final_lr_scale >= 0, "trainer.init_lr_scale",
+              "init_lr_scale and final_lr_scale must be >= 0")
+        check(self.adam_eps > 0, "trainer.adam_eps", "must be > 0")
+        check(self.weight_decay >= 0, "trainer.weight_decay", "must be >= 0")
         check(self.optimizer in ("adamw", "scaled_adam"), "trainer.optimizer",
               f"must be adamw or scaled_adam, got {self.optimizer!r}")
         modes = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -131,6 +136,8 @@ class TrainerConfig:
             check(getattr(self, name) >= 0, f"trainer.{name}", "must be >= 0")
         check(self.keep_checkpoints >= 1, "trainer.keep_checkpoints", "must be >= 1")
         check(self.device in ("auto", "cpu", "cuda"), "trainer.device", "must be auto, cpu or cuda")
+        check(self.resume in ("auto", "none") or Path(self.resume).is_dir(), "trainer.resume",
+              f"must be auto, none or a checkpoint folder; {self.resume!r} is none of these")
         check(self.stop_at >= 0, "trainer.stop_at", "must be >= 0")
         check(self.max_minutes >= 0, "trainer.max_minutes", "must be >= 0")
         check(self.average_models >= 0, "trainer.average_models", "must be >= 0")

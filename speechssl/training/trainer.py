@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -29,7 +30,8 @@ from speechssl.training import checkpoint
 from speechssl.training.averaging import ValidatedModels, average_files
 from speechssl.training.compilation import compile_submodules
 from speechssl.training.config import TrainerConfig, deepspeed_config, precision
-from speechssl.training.distributed import all_reduce_sum, barrier, init_distributed, pick_device
+from speechssl.training.distributed import all_gather_objects, all_reduce_sum, barrier, init_distributed, pick_device
+from speechssl.training.metrics_log import read_metrics, rewrite_metrics
 from speechssl.training.scaled_adam import ScaledAdam
 from speechssl.training.schedule import lr_lambda
 
@@ -74,6 +76,13 @@ class Task(Protocol):
     # ``best_metric``: a validation metric to minimise; the best model is exported to ``best.pt``.
 
 
+class TrainingStopped(RuntimeError):
+    """The run cannot train (every update so far skipped): stopped with a reason and a hint."""
+
+
+SKIPPED_CHECK_UPDATES = 20  # a run whose first this many updates were all skipped stops with an error
+
+
 def _zero_loss(model: nn.Module) -> Tensor:
     """A loss whose gradients are all zero but that reaches every parameter, so an empty batch still
     takes part in the gradient reduction of every rank."""
@@ -102,6 +111,11 @@ class Trainer:
             self.ds_config = {**self.ds_config, "gradient_clipping": 0.0}
         self.update = 0
         self.skipped = 0
+        # Samples the loader could not give (corrupt, missing, index mismatch) or dropped (too short
+        # or too long), summed over ranks and finished epochs: the run's data record.
+        self.data_totals: Counter[str] = Counter()
+        self.skipped_samples = 0  # over ranks, as of the last log line (shown in the progress bar)
+        self._warned_data: set[str] = set()
         self._skipped_pending: Tensor | None = None  # skipped on the device, not yet added to `skipped`
         self.writer = None
         self._grad_norm: Tensor | None = None  # of the last update, where the trainer measures it
@@ -134,6 +148,7 @@ class Trainer:
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config,
             dist_init_required=False)
+        checkpoint.use_safe_loading(self.engine)
         # One rank has nothing to average, yet DeepSpeed's stage-0 all-reduce would copy every
         # gradient into a flat buffer and back (about 1.3 ms per BASE update in one H100 profile).
         # Its one other effect, zero gradients for parameters that got none, _finish_update gives.
@@ -186,6 +201,8 @@ class Trainer:
             self.train_loader.load_state_dict(state["loader"])
             checkpoint.set_rng_state(state["rng"])
             self.skipped = state.get("skipped", 0)
+            self.data_totals = Counter(state.get("data_totals", {}))
+            self.skipped_samples = state.get("skipped_samples", 0)
         self._truncate_metrics()
         if self.validated is not None:
             self.validated.forget_after(self.update)
@@ -196,9 +213,7 @@ class Trainer:
         """Drop log lines a crashed run wrote after the checkpoint we resume from."""
         path = self.output / "metrics.jsonl"
         if self.rank == 0 and path.is_file():
-            lines = [line for line in path.read_text().splitlines()
-                     if line.strip() and json.loads(line)["update"] <= self.update]
-            path.write_text("".join(line + "\n" for line in lines))
+            rewrite_metrics(path, [r for r in read_metrics(path) if r["update"] <= self.update])
 
     # ------------------------------------------------------------------ the loop
 
@@ -207,13 +222,52 @@ class Trainer:
         grouping: every rank yields the same number of batches per epoch)."""
         while True:
             group: list[AudioBatch] = []
+            epoch = self.train_loader.epoch
             for batch in self.train_loader:
                 group.append(batch)
                 if len(group) == self.cfg.update_freq:
                     yield group
                     group = []
+            self._log_epoch(epoch)
             if group:
                 yield group
+
+    def _log_epoch(self, epoch: int) -> None:
+        """One ``data`` record per epoch in metrics.jsonl (collective: every rank ends an epoch at the
+        same batch): the samples trained on, skipped (by reason) and dropped, over all ranks (from the
+        resume point in a resumed epoch); a warning when more than 1% of the epoch was lost."""
+        stats = self.train_loader.stats
+        samples, corrupt, unlisted = all_reduce_sum([stats["samples"], stats["corrupt"], stats["unlisted"]],
+                                                    self.device)
+        reasons: Counter[str] = Counter()
+        for part in all_gather_objects(dict(self.train_loader.skip_reasons)):
+            reasons.update(part)
+        record = {"samples": int(samples), "skipped": int(corrupt), "dropped_short": stats["dropped_short"],
+                  "dropped_long": stats["dropped_long"], "unlisted": int(unlisted)}
+        self.data_totals.update(record)
+        self.data_totals.update({f"skipped.{k}": v for k, v in reasons.items()})
+        self.train_loader.stats, self.train_loader.skip_reasons = {}, Counter()  # counted: not again at the end
+        if self.rank != 0:
+            return
+        with (self.output / "metrics.jsonl").open("a") as f:
+            f.write(json.dumps({"update": self.update, "split": "data", "epoch": epoch, **record,
+                                "skipped_by_reason": dict(reasons)}) + "\n")
+        seen = samples + corrupt + record["dropped_short"] + record["dropped_long"]
+        if corrupt > 0.01 * seen and "skipped" not in self._warned_data:
+            self._warned_data.add("skipped")
+            log.warning("epoch %d: %d of %d samples (%.1f%%) could not be read and were skipped (%s): check the "
+                        "shards (python -m data_tools inspect)", epoch, corrupt, seen, 100 * corrupt / seen,
+                        ", ".join(f"{n} {k}" for k, n in reasons.most_common()))
+        dropped = record["dropped_short"] + record["dropped_long"]
+        if dropped > 0.01 * seen and "dropped" not in self._warned_data:
+            self._warned_data.add("dropped")
+            log.warning("epoch %d: %d of %d samples (%.1f%%) were dropped by length (%d too short for "
+                        "data.min_sample_size or the model, %d over data.max_sample_size)", epoch, dropped, seen,
+                        100 * dropped / seen, record["dropped_short"], record["dropped_long"])
+        if unlisted and "unlisted" not in self._warned_data:
+            self._warned_data.add("unlisted")
+            log.warning("epoch %d: the shards hold %d samples their index.json does not list; they were not read",
+                        epoch, unlisted)
 
     def _record(self, group: list[AudioBatch]) -> None:
         keys = [m["__key__"] for batch in group for m in batch.metadata["samples"]]
@@ -223,6 +277,7 @@ class Trainer:
     def _train_update(self, group: list[AudioBatch], sums: dict[str, Tensor]) -> None:
         if self.cfg.record_samples:
             self._record(group)
+        sums["skipped_samples"] = sums.get("skipped_samples", 0.0) + sum(len(b.metadata["skipped"]) for b in group)
         engine, model = self.engine, self.engine.module
         model.set_num_updates(self.update)  # the hook: any module that follows the update count
         prepared = [self.task.prepare(model, b, self.device, self.dtype) if len(b.lengths) else None for b in group]
@@ -308,7 +363,7 @@ class Trainer:
 
     def _reduce(self, sums: dict[str, Any]) -> dict[str, float]:
         """Sum the stats over ranks (collective: every rank calls it with the same keys)."""
-        keys = ["loss", "sample_size", "audio_seconds", *self.task.stat_keys]
+        keys = ["loss", "sample_size", "audio_seconds", "skipped_samples", *self.task.stat_keys]
         values = [float(sums.get(k, 0.0)) for k in keys]
         return dict(zip(keys, all_reduce_sum(values, self.device), strict=True))
 
@@ -377,7 +432,8 @@ class Trainer:
 
     def _save(self) -> Path:
         state = {"loader": self.train_loader.state_dict(), "rng": checkpoint.rng_state(),
-                 "skipped": self._skipped_updates()}
+                 "skipped": self._skipped_updates(), "data_totals": dict(self.data_totals),
+                 "skipped_samples": self.skipped_samples}
         return checkpoint.save(self.engine, self.ckpt_root, self.update, self.rank, state, self.cfg.keep_checkpoints)
 
     def fit(self) -> dict[str, Any]:
@@ -404,22 +460,32 @@ class Trainer:
         end = min(cfg.max_updates, cfg.stop_at) if cfg.stop_at else cfg.max_updates
         started, out_of_time = time.perf_counter(), False
         waited = 0.0  # seconds the loop was blocked on the loader since the last log line
+        first_update, first_skipped = self.update, self._skipped_updates()
+        check_at = first_update + min(SKIPPED_CHECK_UPDATES, end - first_update)
         while self.update < end:
             asked = time.perf_counter()
             group = next(groups)
             waited += time.perf_counter() - asked
             self._train_update(group, sums)
+            if self.update == check_at and self._skipped_updates() - first_skipped == self.update - first_update:
+                raise TrainingStopped(
+                    f"every one of the first {self.update - first_update} updates was skipped because its "
+                    "gradients were not finite: this run would train nothing. Check trainer.lr and the LR schedule, "
+                    "model.feature_grad_mult and the input audio (NaN samples are rejected by make-shards; a "
+                    "silent or constant input can give a zero-variance normalisation)")
             out_of_time = self._out_of_time(started)
             done = self.update >= end or out_of_time
             if cfg.log_every and (self.update % cfg.log_every == 0 or done):
                 reduced = self._reduce(sums)
                 elapsed = time.perf_counter() - tick
                 metrics = self.task.metrics(reduced)
+                self.skipped_samples += int(reduced["skipped_samples"])
                 grad_norm = self.engine.get_global_grad_norm()
                 if grad_norm is None and self._grad_norm is not None:
                     grad_norm = float(self._grad_norm)
                 metrics.update(lr=max(self.engine.get_lr()),  # the largest: frozen groups have 0
                                skipped_updates=float(self._skipped_updates()),
+                               skipped_samples=float(self.skipped_samples),
                                audio_seconds_per_second=reduced.get("audio_seconds", 0.0) / max(elapsed, 1e-9),
                                loader_wait=waited / max(elapsed, 1e-9),
                                **({"grad_norm": float(grad_norm)} if grad_norm is not None
@@ -430,7 +496,8 @@ class Trainer:
                 if self.rank == 0:
                     self.task.check_health(self.update, metrics)
                     bar.set_postfix({k: f"{metrics[k]:.3g}" for k in ("loss", "accuracy", "prob_perplexity", "lr",
-                                                                        "audio_seconds_per_second") if k in metrics},
+                                                                        "audio_seconds_per_second") if k in metrics}
+                                    | ({"skipped": self.skipped_samples} if self.skipped_samples else {}),
                                     refresh=False)
                 last_train, sums, tick, waited = metrics, {}, time.perf_counter(), 0.0
             if cfg.validate_every and (self.update % cfg.validate_every == 0 or done):
@@ -456,9 +523,29 @@ class Trainer:
             if self.writer is not None:
                 self.writer.close()
         barrier()
+        data = self._data_summary()
+        if self.rank == 0 and (data["skipped"] or data["dropped_short"] or data["dropped_long"]):
+            reasons = ", ".join(f"{n} {k}" for k, n in data["skipped_by_reason"].items()) or "none"
+            log.info("data: %d samples trained on, %d skipped (%s), %d dropped as too short, %d as too long",
+                     data["samples"], data["skipped"], reasons, data["dropped_short"], data["dropped_long"])
         return {"output_dir": str(self.output), "checkpoint": str(ckpt or checkpoint.latest(self.ckpt_root)),
                 "model": str(model_path), "update": self.update, "train": last_train, "valid": last_valid,
-                "skipped_updates": self._skipped_updates(), "world_size": self.world_size}
+                "skipped_updates": self._skipped_updates(), "world_size": self.world_size, "data": data}
+
+    def _data_summary(self) -> dict:
+        """The finished epochs' data record plus the current epoch's so far (collective)."""
+        stats = self.train_loader.stats or {"samples": 0, "corrupt": 0, "dropped_short": 0, "dropped_long": 0}
+        samples, corrupt = all_reduce_sum([stats["samples"], stats["corrupt"]], self.device)
+        reasons = Counter({k[len("skipped."):]: v for k, v in self.data_totals.items() if k.startswith("skipped.")})
+        for part in all_gather_objects(dict(self.train_loader.skip_reasons)):
+            reasons.update(part)
+        partial = stats["samples"] > 0 or stats["corrupt"] > 0  # an epoch under way: its plan counts too
+        return {"samples": self.data_totals["samples"] + int(samples),
+                "skipped": self.data_totals["skipped"] + int(corrupt),
+                "dropped_short": self.data_totals["dropped_short"] + (stats["dropped_short"] if partial else 0),
+                "dropped_long": self.data_totals["dropped_long"] + (stats["dropped_long"] if partial else 0),
+                "unlisted": self.data_totals["unlisted"] + (int(stats.get("unlisted", 0)) if partial else 0),
+                "skipped_by_reason": dict(reasons)}
 
 
 def setup_logging(rank: int) -> None:
