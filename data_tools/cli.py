@@ -1,4 +1,8 @@
-"""``python -m data_tools <command>`` (also ``speechssl data <command>``): make-shards, inspect, split, synth."""
+"""``python -m data_tools <command>`` (also ``speechssl data <command>``): make-shards, inspect, split, synth.
+
+make-shards and synth lock their output folder while they write, and replace a finished shard set
+there only with ``--overwrite``; split never writes over its input manifest.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ from pathlib import Path
 
 from data_tools.shards import ShardOptions, make_shards
 from data_tools.sources import read_source
+from speechssl.locking import FolderLocked
 
 
 def _shard_options(parser: argparse.ArgumentParser) -> None:
@@ -20,7 +25,12 @@ def _shard_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-seconds", type=float, default=d.min_seconds, help="skip shorter inputs")
     parser.add_argument("--max-seconds", type=float, default=d.max_seconds, help="skip longer inputs")
     parser.add_argument("--workers", type=int, default=d.workers, help="decoding processes")
-    parser.add_argument("--prefix", default=d.prefix, help="shard file name prefix")
+    parser.add_argument("--prefix", default=d.prefix,
+                        help="shard file name prefix: letters, digits, '_', '-', '.' (not first); no paths")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a finished shard set (index.json) or shards of this prefix in the output "
+                             "folder; without it they are kept and the build refused. A killed build's leftovers "
+                             "need no --overwrite: make-shards does not resume, it starts again")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -53,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("split", help="hold out a dev set from a manifest, deterministically")
     p.add_argument("--input", required=True, help="TSV or JSONL manifest")
-    p.add_argument("--output", required=True, help="folder for train.* and dev.*")
+    p.add_argument("--output", required=True, help="folder for train.* and dev.* (not the input's own names)")
     p.add_argument("--dev-speakers", type=int, default=0)
     p.add_argument("--dev-fraction", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
@@ -71,17 +81,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return _run(args)
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, FileExistsError, ValueError, FolderLocked) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
 
 def _run(args: argparse.Namespace) -> int:
     if args.command == "make-shards":
+        options = _options(args)  # checked before the input is read
         entries, kind = read_source(args.input)
         print(f"{args.input}: {kind}, {len(entries)} inputs")
         output = Path(args.output)
-        _report(make_shards(entries, output, _options(args), source=str(args.input), progress=not args.quiet), output)
+        _report(make_shards(entries, output, options, source=str(args.input), progress=not args.quiet,
+                            overwrite=args.overwrite), output)
     elif args.command == "inspect":
         from data_tools.inspect_shards import format_histogram, inspect
 
@@ -111,5 +123,5 @@ def _run(args: argparse.Namespace) -> int:
             if part:
                 output = Path(args.output) / name
                 _report(make_shards(part, output, _options(args), source=f"synth seed={args.seed}",
-                                    progress=not args.quiet), output)
+                                    progress=not args.quiet, overwrite=args.overwrite), output)
     return 0

@@ -4,10 +4,17 @@ Inputs are decoded, checked and converted in worker processes; shards are cut an
 order by the main process, so the same inputs give byte-identical shards and index whatever the
 number of workers. Bad inputs are skipped, counted by reason and listed in ``skipped.tsv``.
 ``index.json`` is removed first and written last, atomically: a killed job leaves no index.
+
+The output folder is locked for the build (``.lock``): a second build into it fails, naming the
+first. A finished shard set there (``index.json``), or shards of the same prefix that no build of
+ours left unfinished, are replaced only with ``overwrite``; a killed build's leftovers (marked by
+``.incomplete``, removed when the index is written) are cleared without asking, since make-shards
+does not resume: it starts again.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing
 import os
@@ -23,9 +30,14 @@ from tqdm import tqdm
 from data_tools.audio import BadAudio, encode_flac, prepare, read_audio
 from data_tools.sources import Entry
 from speechssl.data.shardset import FORMAT, INDEX
+from speechssl.locking import FolderLock
 
 REPORT = "skipped.tsv"
+INCOMPLETE = ".incomplete"  # the prefixes of a build under way; its tars are leftovers if it dies
 MTIME = 0  # fixed tar timestamps: reproducible shards
+# A plain file-name part: no separators, no leading dot ("..", hidden files), no glob characters
+# (the prefix is globbed to find the shards it replaces).
+PREFIX = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 
 
 @dataclass
@@ -42,6 +54,11 @@ class ShardOptions:
     max_seconds: float = 600.0
     workers: int = max(1, (os.cpu_count() or 1))
     prefix: str = "shard"
+
+    def __post_init__(self) -> None:
+        if not PREFIX.fullmatch(self.prefix):
+            raise ValueError(f"prefix {self.prefix!r}: shard names must stay in the output folder; use letters, "
+                             "digits, '_', '-' and '.' (not first), e.g. 'shard'")
 
 
 @dataclass
@@ -69,12 +86,21 @@ def safe_key(entry_id: str) -> str:
 
 
 def _unique_keys(entries: list[Entry]) -> list[str]:
-    seen: Counter[str] = Counter()
-    keys = []
-    for entry in entries:
-        key = safe_key(entry.id)
-        seen[key] += 1
-        keys.append(key if seen[key] == 1 else f"{key}-{seen[key]}")
+    """One distinct key per entry, in order: the first entry with a sanitized key keeps it, the
+    next get ``-2``, ``-3``... skipping any key that another entry has or was given (ids ``a b``,
+    ``a_b`` and ``a_b-2`` become ``a_b``, ``a_b-3``, ``a_b-2``)."""
+    plain = [safe_key(entry.id) for entry in entries]
+    taken = set(plain)
+    keys, used = [], set()
+    for key in plain:
+        if key in used:
+            n = 2
+            while f"{key}-{n}" in taken:
+                n += 1
+            key = f"{key}-{n}"
+            taken.add(key)
+        used.add(key)
+        keys.append(key)
     return keys
 
 
@@ -171,16 +197,56 @@ class _ShardCutter:
         return self.shards
 
 
+def _shard_files(output: Path, prefix: str) -> list[Path]:
+    """The shards a build with ``prefix`` names (``{prefix}-NNNNNN.tar``), not those of a longer prefix."""
+    name = re.compile(re.escape(prefix) + r"-\d{6,}\.tar")
+    return sorted(p for p in output.glob(f"{prefix}-*.tar") if name.fullmatch(p.name))
+
+
+def _make_room(output: Path, prefix: str, overwrite: bool) -> None:
+    """Clear ``output`` for a build with ``prefix``: the old index, and the shards it replaces.
+
+    Raises FileExistsError when a finished set (``index.json``) or shards named like the new ones
+    are there and ``overwrite`` is not given, unless they are the leftovers of a killed build
+    (listed in ``.incomplete``). The marker is written before anything is removed."""
+    marker, index = output / INCOMPLETE, output / INDEX
+    unfinished = {p for p in marker.read_text().split() if PREFIX.fullmatch(p)} if marker.is_file() else set()
+    clash = [] if prefix in unfinished else _shard_files(output, prefix)
+    if not overwrite and (index.is_file() or clash):
+        what = f"a shard set ({INDEX})" if index.is_file() else f"shards named {clash[0].name}"
+        raise FileExistsError(f"{output} already holds {what}; give --overwrite to replace it, "
+                              "or choose another output folder")
+    listed = []
+    # An unreadable index is replaced all the same; only its shards cannot be named.
+    with contextlib.suppress(ValueError, KeyError, TypeError, AttributeError):
+        listed = [s["name"] for s in json.loads(index.read_text()).get("shards", [])] if index.is_file() else []
+    marker.write_text("".join(f"{p}\n" for p in sorted(unfinished | {prefix})))
+    index.unlink(missing_ok=True)  # no index may describe a half-written set
+    for name in listed:
+        if Path(name).name == name and name.endswith(".tar"):  # never a path out of the folder
+            (output / name).unlink(missing_ok=True)
+    for p in sorted(unfinished | {prefix}):
+        for old in _shard_files(output, p):
+            old.unlink()
+
+
 def make_shards(entries: list[Entry], output: str | Path, options: ShardOptions | None = None,
-                source: str = "", progress: bool = True) -> dict:
-    """Write shards of ``entries`` into ``output``; returns the index (also saved as ``index.json``)."""
+                source: str = "", progress: bool = True, overwrite: bool = False) -> dict:
+    """Write shards of ``entries`` into ``output``; returns the index (also saved as ``index.json``).
+
+    ``overwrite``: replace a finished shard set in ``output`` (without it, FileExistsError). Raises
+    :class:`~speechssl.locking.FolderLocked` while another build writes into ``output``."""
     options = options or ShardOptions()
     output = Path(output)
-    output.mkdir(parents=True, exist_ok=True)
-    (output / INDEX).unlink(missing_ok=True)  # no index may describe a half-written set
-    for old in output.glob(f"{options.prefix}-*.tar"):
-        old.unlink()
+    if output.exists() and not output.is_dir():
+        raise FileExistsError(f"output {output} is a file, not a folder")
+    with FolderLock(output, "make-shards"):
+        return _build(entries, output, options, source, progress, overwrite)
 
+
+def _build(entries: list[Entry], output: Path, options: ShardOptions, source: str, progress: bool,
+           overwrite: bool) -> dict:
+    _make_room(output, options.prefix, overwrite)
     cutter = _ShardCutter(output, options)
     skips: list[Skip] = []
     speakers: set[str] = set()
@@ -226,6 +292,7 @@ def make_shards(entries: list[Entry], output: str | Path, options: ShardOptions 
     tmp = output / f".{INDEX}.tmp"
     tmp.write_text(json.dumps(index, indent=1, ensure_ascii=False) + "\n")
     os.replace(tmp, output / INDEX)
+    (output / INCOMPLETE).unlink()
     return index
 
 

@@ -1,4 +1,8 @@
-"""``split``: a deterministic dev set from a manifest, holding out whole speakers or a fraction."""
+"""``split``: a deterministic dev set from a manifest, holding out whole speakers or a fraction.
+
+Writes ``train`` and ``dev`` manifests (the input's format and suffix) into the output folder; an
+output folder where one of them would be the input manifest itself is refused.
+"""
 
 from __future__ import annotations
 
@@ -42,6 +46,14 @@ def split_manifest(manifest: str | Path, output: str | Path, dev_speakers: int =
     manifest, output = Path(manifest), Path(output)
     if (dev_speakers > 0) == (dev_fraction > 0):
         raise ValueError("give exactly one of dev_speakers > 0 or 0 < dev_fraction < 1")
+    if output.exists() and not output.is_dir():
+        raise FileExistsError(f"output {output} is a file; give a folder for train{manifest.suffix} and "
+                              f"dev{manifest.suffix}")
+    targets = [output / f"{name}{manifest.suffix}" for name in ("train", "dev")]
+    for target in targets:
+        if target.resolve() == manifest.resolve() or (target.exists() and target.samefile(manifest)):
+            raise ValueError(f"output {target} would overwrite the input manifest {manifest}; "
+                             "choose another output folder")
     lines, rows, header = _rows(manifest)
     column = next((c for c in SPEAKER_COLUMNS if rows and c in rows[0]), None)
     if column is not None:
@@ -59,9 +71,8 @@ def split_manifest(manifest: str | Path, output: str | Path, dev_speakers: int =
                   for line in lines]
         held = set()
     output.mkdir(parents=True, exist_ok=True)
-    suffix = manifest.suffix
-    for name, flag in (("train", False), ("dev", True)):
+    for target, flag in zip(targets, (False, True), strict=True):
         chosen = [line for line, d in zip(lines, is_dev, strict=True) if d == flag]
         text = "\n".join(([header] if header is not None else []) + chosen) + "\n"
-        (output / f"{name}{suffix}").write_text(text)
+        target.write_text(text)
     return {"train": is_dev.count(False), "dev": is_dev.count(True), "dev_speakers": sorted(held)}

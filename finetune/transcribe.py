@@ -14,41 +14,187 @@ used unless ``--lm-weight``/``--word-score``/``--blank-penalty`` are given) or a
 ``blank_penalty``): above 0 it trades deletions for insertions. ``emissions`` saves the model's
 log-probabilities over DATA (:mod:`finetune.emissions`), which ``evaluate --emissions`` and
 ``tune-lm --emissions`` decode without the model.
+
+A recording longer than ``--max-seconds`` (60) runs in windows of ``--window-seconds`` (30)
+overlapping by ``--overlap-seconds`` (4), as ``speechssl.extract`` does: each window keeps the
+frames nearest its centre, stitched into the single pass's frames, so memory is bounded by the
+window whatever the recording's length; how many were windowed is reported on stderr. Utterances
+shorter than the model's receptive field are skipped and counted (``too_short``).
+``transcribe --output`` is written to a temporary file next to it and renamed when every input
+has been read and decoded; an output that is one of the inputs is refused.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
+import math
+import os
 import sys
 from collections import Counter
 from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from speechssl.data.audio import normalize_audio
-from speechssl.data.inputs import Utterance, batches, read_utterances
+from speechssl.data.inputs import SAMPLE_RATE, Utterance, batches, read_utterances
+from speechssl.features import LayerFeatures, _fixed_group_norm, min_input_samples
+from speechssl.models.fbank import FbankExtractor
 
 Decoder = Callable[[Tensor, Tensor], list[str]]  # (log_probs (B, T, V), frames (B,)) -> texts
 
 
-@torch.no_grad()
-def emissions(model, utterances: Iterator[Utterance], device: torch.device,
-              max_seconds: float = 300.0) -> Iterator[tuple[list[Utterance], Tensor, Tensor]]:
-    """Batches of ``(utterances, log_probs (B, T, V) float32 on the CPU, frames (B,))``, batched by
-    padded audio length. Each utterance's output does not depend on what it is batched with."""
+@dataclass(frozen=True)
+class Windows:
+    """Recordings longer than ``max_seconds`` run in windows of ``window_seconds`` overlapping by
+    ``overlap_seconds`` (``speechssl.extract``'s options and defaults)."""
+
+    max_seconds: float = 60.0
+    window_seconds: float = 30.0
+    overlap_seconds: float = 4.0
+
+    def __post_init__(self) -> None:
+        for name, value in asdict(self).items():
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ValueError(f"--{name.replace('_', '-')} must be a positive number of seconds, got {value!r}")
+        if self.overlap_seconds >= self.window_seconds:
+            raise ValueError(f"--overlap-seconds ({self.overlap_seconds:g}) must be less than --window-seconds "
+                             f"({self.window_seconds:g})")
+
+
+class WindowedCTC:
+    """A CTC model's logits over one long recording, computed in overlapping windows and
+    stitched: ``audio (S,)`` -> ``(T, V)`` with T the single pass's frames, in memory bounded by
+    ``batch_windows`` windows. The plan is :meth:`LayerFeatures.window_plan`'s (each window keeps
+    its frames up to the middle of its overlaps), and the extractor normalises every window with
+    the whole recording's statistics as :meth:`LayerFeatures.windowed` does, so only the context
+    network's reach beyond a window differs from one pass.
+
+    Window and overlap are rounded down to whole output frames (the overlap to an even number,
+    so that each cut falls on a frame); the overlap must cover twice the receptive field."""
+
+    def __init__(self, model, windows: Windows, batch_windows: int = 4):
+        self.model, self.batch_windows, self.max_seconds = model, batch_windows, windows.max_seconds
+        self.features = LayerFeatures(model, "last")
+        context = model.config.context
+        # The Zipformer's output may run at a lower rate than the extractor's frames, and its
+        # stacks downsample in groups of frames: windows start where the single pass starts a group.
+        self.factor = getattr(context, "output_downsampling_factor", 1)
+        self.frame = self.features.stride * self.factor  # samples per output frame
+        self.unit = self.features.stride * math.lcm(self.factor, *getattr(context, "downsampling_factor", [1]))
+        self.window = int(windows.window_seconds * SAMPLE_RATE) // self.unit * self.unit
+        self.overlap = int(windows.overlap_seconds * SAMPLE_RATE) // (2 * self.unit) * (2 * self.unit)
+        least = max(2 * model.feature_extractor.receptive_field, 2 * self.unit)
+        if not least <= self.overlap < self.window:
+            raise ValueError(f"--overlap-seconds {windows.overlap_seconds:g} and --window-seconds "
+                             f"{windows.window_seconds:g}: this model needs an overlap of at least "
+                             f"{least / SAMPLE_RATE:g} s and a window longer than the overlap")
+
+    @torch.no_grad()
+    def __call__(self, audio: Tensor) -> Tensor:
+        """``audio (S,)`` float32 on the model's device -> logits ``(T, V)``."""
+        model, features = self.model, self.features
+        plan = features.window_plan(audio.shape[-1], self.window, self.overlap)
+        extractor, handle, per_utterance = model.feature_extractor, None, model.extract_per_utterance
+        if isinstance(extractor, FbankExtractor):
+            if extractor.standardize:
+                extractor.fixed_statistics = features._fbank_statistics(audio, plan)
+        elif isinstance(norm := extractor.blocks[0].norm, nn.GroupNorm):
+            mean, var = features._first_conv_statistics(audio, plan)
+            handle = norm.register_forward_hook(lambda m, inputs, _: _fixed_group_norm(m, inputs[0], mean, var))
+            model.extract_per_utterance = False  # the norm module itself runs, so its hook applies
+        pieces = []
+        try:
+            for first in range(0, len(plan), self.batch_windows):
+                group = plan[first: first + self.batch_windows]
+                lengths = torch.tensor([end - start for start, end, _, _ in group])
+                waves = audio.new_zeros(len(group), int(lengths.max()))
+                for row, (start, end, _, _) in enumerate(group):
+                    waves[row, : end - start] = audio[start:end]
+                logits, frames = model(waves, lengths)
+                for row, (start, _, keep_from, keep_to) in enumerate(group):
+                    offset = start // self.frame
+                    # The last window runs to the recording's end: its frames are the single pass's last.
+                    end = int(frames[row]) if first + row == len(plan) - 1 else keep_to // self.factor - offset
+                    pieces.append(logits[row, keep_from // self.factor - offset: end])
+        finally:
+            if handle is not None:
+                handle.remove()
+            model.extract_per_utterance = per_utterance
+            if isinstance(extractor, FbankExtractor):
+                extractor.fixed_statistics = None
+        return torch.cat(pieces)
+
+
+def emissions(model, utterances: Iterator[Utterance], device: torch.device, max_seconds: float = 300.0,
+              windows: Windows | None = Windows()) -> Iterator[tuple[list[Utterance], Tensor, Tensor]]:
+    """Batches of ``(utterances, log_probs (B, T, V) float32 on the CPU, frames (B,))``, in input
+    order, batched by padded audio length. Each utterance's output does not depend on what it is
+    batched with. An utterance longer than ``windows.max_seconds`` is a batch of its own, run
+    through :class:`WindowedCTC` (its audio normalised in place when the model normalises);
+    ``windows=None`` runs everything in one pass. The windows are checked against the model here,
+    before any utterance is read."""
     model.eval().to(device)
     model.extract_per_utterance = True
-    for batch in batches(utterances, max_seconds):
-        lengths = torch.tensor([len(u.audio) for u in batch])
-        waves = torch.zeros(len(batch), int(lengths.max()))
-        for i, u in enumerate(batch):
-            # as in training (data.normalize)
-            waves[i, : len(u.audio)] = torch.from_numpy(normalize_audio(u.audio) if model.normalize_audio else u.audio)
-        logits, frames = model(waves.to(device), lengths)
-        yield batch, logits.float().log_softmax(-1).cpu(), frames.cpu()
+    windowed = WindowedCTC(model, windows) if windows is not None else None
+    return _emissions(model, utterances, device, max_seconds, windowed)
+
+
+@torch.no_grad()
+def _emissions(model, utterances: Iterator[Utterance], device: torch.device, max_seconds: float,
+               windowed: WindowedCTC | None) -> Iterator[tuple[list[Utterance], Tensor, Tensor]]:
+    limit = windowed.max_seconds * SAMPLE_RATE if windowed is not None else math.inf
+    count = 0
+    for long, group in itertools.groupby(utterances, key=lambda u: len(u.audio) > limit):
+        if long:
+            for utt in group:
+                audio = torch.from_numpy(utt.audio)
+                if model.normalize_audio:  # as normalize_audio, in place: no second copy of a long recording
+                    var, mean = torch.var_mean(audio, correction=0)
+                    audio.sub_(mean).div_(torch.sqrt(var + 1e-5))
+                log_probs = windowed(audio.to(device)).float().log_softmax(-1).cpu()
+                count += 1
+                yield [utt], log_probs[None], torch.tensor([len(log_probs)])
+            continue
+        for batch in batches(group, max_seconds):
+            lengths = torch.tensor([len(u.audio) for u in batch])
+            waves = torch.zeros(len(batch), int(lengths.max()))
+            for i, u in enumerate(batch):
+                # as in training (data.normalize)
+                waves[i, : len(u.audio)] = torch.from_numpy(normalize_audio(u.audio) if model.normalize_audio
+                                                            else u.audio)
+            logits, frames = model(waves.to(device), lengths)
+            yield batch, logits.float().log_softmax(-1).cpu(), frames.cpu()
+    if count:
+        print(f"windowed {count} recording(s) longer than {windowed.max_seconds:g} s (windows of "
+              f"{windowed.window / SAMPLE_RATE:g} s overlapping by {windowed.overlap / SAMPLE_RATE:g} s)",
+              file=sys.stderr)
+
+
+def check_inputs(inputs: list[str], output: str | None = None) -> None:
+    """Every input exists, and ``output`` (a file to write) is none of them: FileNotFoundError or
+    ValueError naming the path, before any model is loaded."""
+    for name in inputs:
+        if not Path(name).exists():
+            raise FileNotFoundError(f"input {name} does not exist")
+    if output is None:
+        return
+    target = Path(output)
+    if target.is_dir():
+        raise ValueError(f"--output {output} is a folder; give the file to write")
+    for name in inputs:
+        if target.resolve() == Path(name).resolve() or (target.exists() and target.samefile(name)):
+            raise ValueError(f"--output {output} is the input {name}: it would be overwritten; choose another file")
+
+
+def read_inputs(inputs: list[str], skipped: Counter, model) -> Iterator[Utterance]:
+    """The utterances of ``inputs`` the model can take: those shorter than its receptive field are
+    skipped and counted in ``skipped`` (``too_short``)."""
+    return read_utterances(inputs, skipped, min_samples=min_input_samples(model))
 
 
 def greedy_decoder(tokenizer, blank: int, blank_penalty: float = 0.0) -> Decoder:
@@ -121,10 +267,26 @@ def model_or_emissions(args: argparse.Namespace):
         return tokenizer_from_dict(saved.tokenizer), saved.blank, saved.batches(), Counter(saved.skipped)
     if not args.model or not args.data:
         raise ValueError("give a model and the data to run it on (or --emissions FILE)")
+    windows = window_options(args)
+    check_inputs(args.data)
     model, device = load_model(args.model, args.device)
     skipped: Counter = Counter()
-    batches = emissions(model, read_utterances(args.data, skipped), device, args.batch_seconds)
+    batches = emissions(model, read_inputs(args.data, skipped, model), device, args.batch_seconds, windows)
     return tokenizer_from_dict(model.tokenizer), model.blank, batches, skipped
+
+
+def add_window_options(parser: argparse.ArgumentParser) -> None:
+    d = Windows()
+    parser.add_argument("--max-seconds", type=float, default=d.max_seconds,
+                        help=f"longer recordings run in overlapping windows (default {d.max_seconds:g})")
+    parser.add_argument("--window-seconds", type=float, default=d.window_seconds,
+                        help=f"window length (default {d.window_seconds:g})")
+    parser.add_argument("--overlap-seconds", type=float, default=d.overlap_seconds,
+                        help=f"overlap of consecutive windows, less than the window (default {d.overlap_seconds:g})")
+
+
+def window_options(args: argparse.Namespace) -> Windows:
+    return Windows(args.max_seconds, args.window_seconds, args.overlap_seconds)
 
 
 def add_source_options(parser: argparse.ArgumentParser) -> None:
@@ -133,6 +295,7 @@ def add_source_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--emissions", nargs="+", help="emissions files (`emissions`) instead of MODEL and DATA")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--batch-seconds", type=float, default=300.0, help="padded audio per batch")
+    add_window_options(parser)
 
 
 def score(tokenizer, rows: list[tuple[str, str, str]]) -> tuple[dict, list[str]]:
@@ -149,18 +312,30 @@ def score(tokenizer, rows: list[tuple[str, str, str]]) -> tuple[dict, list[str]]
 def save_emissions(args: argparse.Namespace) -> int:
     from finetune.emissions import Emissions
 
+    windows = window_options(args)
+    check_inputs(args.data, args.output)
     model, device = load_model(args.model, args.device)
     skipped: Counter = Counter()
     saved = Emissions(model.tokenizer, model.blank, model=str(args.model))
-    for batch, log_probs, frames in emissions(model, read_utterances(args.data, skipped), device, args.batch_seconds):
+    for batch, log_probs, frames in emissions(model, read_inputs(args.data, skipped, model), device,
+                                              args.batch_seconds, windows):
         saved.add(batch, log_probs, frames)
     saved.skipped = dict(skipped)
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    saved.save(args.output)
+    target = Path(args.output)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = _partial(target)
+    saved.save(partial)
+    os.replace(partial, target)
     if skipped:
         print(f"skipped {sum(skipped.values())} unreadable input(s): {dict(skipped)}", file=sys.stderr)
     print(json.dumps({"output": str(args.output), "utterances": len(saved.rows), "skipped": dict(skipped)}))
     return 0
+
+
+def _partial(target: Path) -> Path:
+    """A temporary name next to ``target`` (same file system, so the rename is atomic); the pid
+    keeps two runs writing one output apart."""
+    return target.with_name(f".{target.name}.{os.getpid()}.partial")
 
 
 def write_scores(folder: Path, rows: list[tuple[str, str, str]], references: list[str], scores: dict) -> None:
@@ -182,6 +357,7 @@ def main(argv: list[str]) -> int:
     t.add_argument("--output", help="write id<TAB>transcript lines here instead of stdout")
     t.add_argument("--device", default="auto", help="auto, cpu or cuda")
     t.add_argument("--batch-seconds", type=float, default=300.0, help="padded audio per batch")
+    add_window_options(t)
     e = sub.add_parser("evaluate", help="WER and CER against the transcripts")
     add_source_options(e)
     e.add_argument("--output", help="folder for hypotheses.tsv and scores.json")
@@ -193,6 +369,7 @@ def main(argv: list[str]) -> int:
     m.add_argument("--output", required=True, help="the emissions file to write")
     m.add_argument("--device", default="auto", help="auto, cpu or cuda")
     m.add_argument("--batch-seconds", type=float, default=300.0, help="padded audio per batch")
+    add_window_options(m)
     args = parser.parse_args(argv)
     from finetune.tokenizer import tokenizer_from_dict
 
@@ -200,10 +377,12 @@ def main(argv: list[str]) -> int:
         if args.command == "emissions":
             return save_emissions(args)
         if args.command == "transcribe":
+            windows = window_options(args)
+            check_inputs(args.inputs, args.output)
             model, device = load_model(args.model, args.device)
             tokenizer, blank = tokenizer_from_dict(model.tokenizer), model.blank
             skipped: Counter = Counter()
-            source = emissions(model, read_utterances(args.inputs, skipped), device, args.batch_seconds)
+            source = emissions(model, read_inputs(args.inputs, skipped, model), device, args.batch_seconds, windows)
         else:
             tokenizer, blank, source, skipped = model_or_emissions(args)
         decoder, settings = make_decoder(args, tokenizer, blank)
@@ -211,7 +390,14 @@ def main(argv: list[str]) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     rows = []
-    out = open(args.output, "w") if args.command == "transcribe" and args.output else sys.stdout  # noqa: SIM115
+    # Never the output itself while inputs are read: it may be one of them, and a failed run
+    # must leave it as it was.
+    target = Path(args.output) if args.command == "transcribe" and args.output else None
+    partial = None
+    if target is not None:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = _partial(target)
+    out = partial.open("w") if partial is not None else sys.stdout
     try:
         for batch, log_probs, frames in source:
             for utt, hypothesis in zip(batch, decoder(log_probs, frames), strict=True):
@@ -222,9 +408,18 @@ def main(argv: list[str]) -> int:
                     return 2
                 else:
                     rows.append((utt.id, utt.text, hypothesis))
+        if partial is not None:
+            out.close()
+            os.replace(partial, target)
+            partial = None
+    except (FileNotFoundError, ValueError) as err:  # an input found bad while it is read
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     finally:
         if out is not sys.stdout:
             out.close()
+        if partial is not None:
+            partial.unlink(missing_ok=True)
     if skipped:
         print(f"skipped {sum(skipped.values())} unreadable input(s): {dict(skipped)}", file=sys.stderr)
     if args.command == "transcribe":

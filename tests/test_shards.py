@@ -219,8 +219,8 @@ def test_a_killed_job_leaves_no_index(tmp_path: Path, monkeypatch: pytest.Monkey
         return original(self, sample)
 
     monkeypatch.setattr(shards._ShardCutter, "add", dying_add)
-    with pytest.raises(KeyboardInterrupt):
-        make_shards(entries, tmp_path / "out", ShardOptions(max_count=2, workers=1), progress=False)
+    with pytest.raises(KeyboardInterrupt):  # replacing the finished set
+        make_shards(entries, tmp_path / "out", ShardOptions(max_count=2, workers=1), progress=False, overwrite=True)
     assert not (tmp_path / "out" / "index.json").exists()
 
 
