@@ -202,6 +202,15 @@ class Variant:
         return cls(parts[0], parts[1], parts[2], int(parts[3]), parts[4:])
 
 
+def _temp_decay(model: str, updates: int) -> float:
+    """The Gumbel temperature decay that anneals within the pretraining (fairseq's 69% point)."""
+    from pretrain.task import matched_temp_decay
+    from speechssl import load_model_config
+
+    quantizer = load_model_config(Path(model)).quantizer
+    return matched_temp_decay(quantizer.temp_start, quantizer.temp_end, updates)
+
+
 def plan_jobs(args: argparse.Namespace, out: Path, data: Path) -> list[Job]:
     quick = args.quick
     device = (["trainer.device=cpu", "trainer.deepspeed=configs/deepspeed/zero0_fp32.json"] if quick else [])
@@ -215,7 +224,8 @@ def plan_jobs(args: argparse.Namespace, out: Path, data: Path) -> list[Job]:
                              f"trainer.output_dir={out / 'pretrain'}", f"trainer.max_updates={pre_updates}",
                              f"trainer.seed={args.pretrain_seed}", f"data.seed={args.pretrain_seed}",
                              f"trainer.validate_every={every * 2}", f"trainer.checkpoint_every={every * 2}",
-                             "trainer.threads=1", *device, *args.pretrain_override], pre_updates)]
+                             "trainer.threads=1", f"model.quantizer.temp_decay={_temp_decay(model, pre_updates):.6g}",
+                             *device, *args.pretrain_override], pre_updates)]
     recipes = {"pretrained": ("configs/finetune/small_data_ctc.yaml", f"pretrained={out / 'pretrain'}", ["pretrain"]),
                "random": ("configs/finetune/scratch_ctc.yaml", f"pretrained=scratch:{model}", [])}
     runs = [Variant("", init, labels, args.seeds if labels == "10%" else 1, [])
@@ -399,7 +409,7 @@ def main() -> int:
     parser.add_argument("--output", default="runs/an4")
     parser.add_argument("--model", default="configs/model/small_conformer_fbank.yaml",
                         help="the model of every run (the small-data recipes' own)")
-    parser.add_argument("--pretrain-updates", type=int, default=4000)
+    parser.add_argument("--pretrain-updates", type=int, default=8000)
     parser.add_argument("--finetune-updates", type=int, default=4000)
     parser.add_argument("--finetune-updates-10", type=int, default=3000,
                         help="fine-tuning updates of the runs at 10%% of the labels (0: --finetune-updates)")
