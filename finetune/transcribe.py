@@ -38,12 +38,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from speechssl.data.audio import normalize_audio
 from speechssl.data.inputs import SAMPLE_RATE, Utterance, batches, read_utterances
-from speechssl.features import LayerFeatures, _fixed_group_norm, min_input_samples
-from speechssl.models.fbank import FbankExtractor
+from speechssl.features import LayerFeatures, min_input_samples, window_batches
 
 Decoder = Callable[[Tensor, Tensor], list[str]]  # (log_probs (B, T, V), frames (B,)) -> texts
 
@@ -99,34 +98,20 @@ class WindowedCTC:
         """``audio (S,)`` float32 on the model's device -> logits ``(T, V)``."""
         model, features = self.model, self.features
         plan = features.window_plan(audio.shape[-1], self.window, self.overlap)
-        extractor, handle, per_utterance = model.feature_extractor, None, model.extract_per_utterance
-        if isinstance(extractor, FbankExtractor):
-            if extractor.standardize:
-                extractor.fixed_statistics = features._fbank_statistics(audio, plan)
-        elif isinstance(norm := extractor.blocks[0].norm, nn.GroupNorm):
-            mean, var = features._first_conv_statistics(audio, plan)
-            handle = norm.register_forward_hook(lambda m, inputs, _: _fixed_group_norm(m, inputs[0], mean, var))
-            model.extract_per_utterance = False  # the norm module itself runs, so its hook applies
-        pieces = []
-        try:
-            for first in range(0, len(plan), self.batch_windows):
-                group = plan[first: first + self.batch_windows]
-                lengths = torch.tensor([end - start for start, end, _, _ in group])
-                waves = audio.new_zeros(len(group), int(lengths.max()))
-                for row, (start, end, _, _) in enumerate(group):
-                    waves[row, : end - start] = audio[start:end]
-                logits, frames = model(waves, lengths)
-                for row, (start, _, keep_from, keep_to) in enumerate(group):
-                    offset = start // self.frame
-                    # The last window runs to the recording's end: its frames are the single pass's last.
-                    end = int(frames[row]) if first + row == len(plan) - 1 else keep_to // self.factor - offset
-                    pieces.append(logits[row, keep_from // self.factor - offset: end])
-        finally:
-            if handle is not None:
-                handle.remove()
-            model.extract_per_utterance = per_utterance
-            if isinstance(extractor, FbankExtractor):
-                extractor.fixed_statistics = None
+        pieces, per_utterance = [], model.extract_per_utterance
+        with features.recording_statistics(audio, plan) as norm_hooked:
+            if norm_hooked:
+                model.extract_per_utterance = False  # the norm module itself runs, so its hook applies
+            try:
+                for first, group, waves, lengths in window_batches(audio, plan, self.batch_windows):
+                    logits, frames = model(waves, lengths)
+                    for row, (start, _, keep_from, keep_to) in enumerate(group):
+                        offset = start // self.frame
+                        # The last window runs to the recording's end: its frames are the single pass's last.
+                        end = int(frames[row]) if first + row == len(plan) - 1 else keep_to // self.factor - offset
+                        pieces.append(logits[row, keep_from // self.factor - offset: end])
+            finally:
+                model.extract_per_utterance = per_utterance
         return torch.cat(pieces)
 
 

@@ -30,7 +30,9 @@ read without editing the model.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -66,6 +68,19 @@ def _first_tensor(value) -> Tensor | None:
     if isinstance(value, (tuple, list)):
         return next((v for v in map(_first_tensor, value) if v is not None), None)
     return getattr(value, "output", None)
+
+
+def window_batches(audio: Tensor, plan: list[tuple[int, int, int, int]], batch_windows: int
+                   ) -> Iterator[tuple[int, list[tuple[int, int, int, int]], Tensor, Tensor]]:
+    """The windows of :meth:`LayerFeatures.window_plan` over ``audio (S,)``, ``batch_windows`` at a
+    time: ``(index of the group's first window, its plan rows, waves (B, S') zero-padded, lengths (B,))``."""
+    for first in range(0, len(plan), batch_windows):
+        group = plan[first: first + batch_windows]
+        lengths = torch.tensor([end - start for start, end, _, _ in group])
+        waves = audio.new_zeros(len(group), int(lengths.max()))
+        for row, (start, end, _, _) in enumerate(group):
+            waves[row, : end - start] = audio[start:end]
+        yield first, group, waves, lengths
 
 
 def _fixed_group_norm(norm: nn.GroupNorm, x: Tensor, mean: Tensor, var: Tensor) -> Tensor:
@@ -139,9 +154,25 @@ class LayerFeatures(nn.Module):
         and the stitched result. Nothing is captured by hooks here."""
         plan = self.window_plan(audio.shape[-1], window, overlap)
         pieces: list[list[Tensor]] = [[] for _ in self.layers]
-        extractor = self.model.feature_extractor
-        handle = None
-        # Normalise every window with the recording's statistics, as the single pass does.
+        with self.recording_statistics(audio, plan):
+            for _, group, waves, lengths in window_batches(audio, plan, batch_windows):
+                out = self(waves, lengths)
+                for row, (start, _, keep_from, keep_to) in enumerate(group):
+                    offset = start // self.stride
+                    for i, state in enumerate(out.hidden_states):
+                        pieces[i].append(state[row, keep_from - offset: keep_to - offset])
+        states = [torch.cat(p).unsqueeze(0) for p in pieces]
+        frames = torch.tensor([states[0].shape[1]])
+        return LayerOutput(states, self.layers, frames, self._weighted(states))
+
+    @contextlib.contextmanager
+    def recording_statistics(self, audio: Tensor, plan: list[tuple[int, int, int, int]]) -> Iterator[bool]:
+        """Inside, the extractor normalises every window of ``audio (S,)`` with the whole
+        recording's statistics, as the single pass does: the log-mel bins' (``FbankExtractor``
+        with ``standardize``) or the first convolution's channels' (a ``group_norm`` extractor,
+        through a hook on its norm). Yields True when that hook is in place: the norm module itself
+        must then run on every window."""
+        extractor, handle = self.model.feature_extractor, None
         if isinstance(extractor, FbankExtractor):
             if extractor.standardize:
                 extractor.fixed_statistics = self._fbank_statistics(audio, plan)
@@ -149,25 +180,12 @@ class LayerFeatures(nn.Module):
             mean, var = self._first_conv_statistics(audio, plan)
             handle = norm.register_forward_hook(lambda m, inputs, _: _fixed_group_norm(m, inputs[0], mean, var))
         try:
-            for first in range(0, len(plan), batch_windows):
-                group = plan[first: first + batch_windows]
-                lengths = torch.tensor([end - start for start, end, _, _ in group])
-                waves = audio.new_zeros(len(group), int(lengths.max()))
-                for row, (start, end, _, _) in enumerate(group):
-                    waves[row, : end - start] = audio[start:end]
-                out = self(waves, lengths)
-                for row, (start, _, keep_from, keep_to) in enumerate(group):
-                    offset = start // self.stride
-                    for i, state in enumerate(out.hidden_states):
-                        pieces[i].append(state[row, keep_from - offset: keep_to - offset])
+            yield handle is not None
         finally:
             if handle is not None:
                 handle.remove()
             if isinstance(extractor, FbankExtractor):
                 extractor.fixed_statistics = None
-        states = [torch.cat(p).unsqueeze(0) for p in pieces]
-        frames = torch.tensor([states[0].shape[1]])
-        return LayerOutput(states, self.layers, frames, self._weighted(states))
 
     @torch.no_grad()
     def _fbank_statistics(self, audio: Tensor, plan: list[tuple[int, int, int, int]]) -> tuple[Tensor, Tensor]:
