@@ -124,6 +124,15 @@ def latest(root: Path) -> Path | None:
     return complete[-1] if complete else None
 
 
+def resume_point(resume: str, root: Path) -> Path | None:
+    """The checkpoint a run with ``trainer.resume`` continues from: None for ``none`` (or ``auto``
+    with no complete checkpoint under ``root``), the newest complete one for ``auto``, else the
+    folder given."""
+    if resume == "none":
+        return None
+    return latest(root) if resume == "auto" else Path(resume)
+
+
 def load(engine, folder: Path, rank: int) -> tuple[int, dict | None]:
     """Restore DeepSpeed's state; returns the update count and this rank's own state."""
     if not (folder / COMPLETE).is_file():

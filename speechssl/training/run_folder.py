@@ -46,14 +46,6 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def _resumes(trainer) -> bool:
-    if trainer.resume == "none":
-        return False
-    if trainer.resume == "auto":
-        return checkpoint.latest(Path(trainer.output_dir) / "checkpoints") is not None
-    return True
-
-
 def _changes(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
     keys = sorted(saved.keys() | current.keys())
     return {k: (saved.get(k, "<absent>"), current.get(k, "<absent>")) for k in keys if saved.get(k) != current.get(k)}
@@ -64,7 +56,8 @@ def check_and_save_config(config: Any, output: Path) -> None:
     (ConfigError for a change outside ``SAFE_TO_CHANGE``), then save it there (atomically)."""
     current = to_dict(config)
     path = output / CONFIG_FILE
-    if _resumes(config.trainer) and path.is_file():
+    point = checkpoint.resume_point(config.trainer.resume, output / "checkpoints")
+    if point is not None and path.is_file():
         saved_tree = yaml.safe_load(path.read_text()) or {}
         changes = _changes(flatten(saved_tree), flatten(current))
         refused = {k: v for k, v in changes.items() if k not in SAFE_TO_CHANGE}
@@ -75,14 +68,13 @@ def check_and_save_config(config: Any, output: Path) -> None:
                               f"(or trainer.resume=none to start over there). Keys that may change on resume: "
                               f"{', '.join(SAFE_TO_CHANGE)}")
         if changes:
-            update = int(checkpoint.latest(output / "checkpoints").name.split("_")[1]) \
-                if config.trainer.resume == "auto" else None
+            update = int(point.name.split("_")[1]) if config.trainer.resume == "auto" else None
             record = {"update": update, "changed": {k: list(v) for k, v in changes.items()}}
             with (output / CHANGES_FILE).open("a") as f:
                 f.write(json.dumps(record) + "\n")
             log.warning("resuming with changed settings: %s",
                         "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changes.items()))
-    elif _resumes(config.trainer):
+    elif point is not None:
         log.warning("%s has no %s (a run from an older version): resuming without comparing configs", output,
                     CONFIG_FILE)
     output.mkdir(parents=True, exist_ok=True)

@@ -187,10 +187,7 @@ class Trainer:
         return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
 
     def _resume(self) -> None:
-        choice = self.cfg.resume
-        if choice == "none":
-            return
-        folder = checkpoint.latest(self.ckpt_root) if choice == "auto" else Path(choice)
+        folder = checkpoint.resume_point(self.cfg.resume, self.ckpt_root)
         if folder is None:
             return
         self.update, state = checkpoint.load(self.engine, folder, self.rank)
