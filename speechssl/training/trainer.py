@@ -233,14 +233,7 @@ class Trainer:
         """One ``data`` record per epoch in metrics.jsonl (collective: every rank ends an epoch at the
         same batch): the samples trained on, skipped (by reason) and dropped, over all ranks (from the
         resume point in a resumed epoch); a warning when more than 1% of the epoch was lost."""
-        stats = self.train_loader.stats
-        samples, corrupt, unlisted = all_reduce_sum([stats["samples"], stats["corrupt"], stats["unlisted"]],
-                                                    self.device)
-        reasons: Counter[str] = Counter()
-        for part in all_gather_objects(dict(self.train_loader.skip_reasons)):
-            reasons.update(part)
-        record = {"samples": int(samples), "skipped": int(corrupt), "dropped_short": stats["dropped_short"],
-                  "dropped_long": stats["dropped_long"], "unlisted": int(unlisted)}
+        record, reasons = self._epoch_counts()
         self.data_totals.update(record)
         self.data_totals.update({f"skipped.{k}": v for k, v in reasons.items()})
         self.train_loader.stats, self.train_loader.skip_reasons = {}, Counter()  # counted: not again at the end
@@ -249,6 +242,7 @@ class Trainer:
         with (self.output / "metrics.jsonl").open("a") as f:
             f.write(json.dumps({"update": self.update, "split": "data", "epoch": epoch, **record,
                                 "skipped_by_reason": dict(reasons)}) + "\n")
+        samples, corrupt, unlisted = record["samples"], record["skipped"], record["unlisted"]
         seen = samples + corrupt + record["dropped_short"] + record["dropped_long"]
         if corrupt > 0.01 * seen and "skipped" not in self._warned_data:
             self._warned_data.add("skipped")
@@ -529,20 +523,27 @@ class Trainer:
                 "model": str(model_path), "update": self.update, "train": last_train, "valid": last_valid,
                 "skipped_updates": self._skipped_updates(), "world_size": self.world_size, "data": data}
 
-    def _data_summary(self) -> dict:
-        """The finished epochs' data record plus the current epoch's so far (collective)."""
-        stats = self.train_loader.stats or {"samples": 0, "corrupt": 0, "dropped_short": 0, "dropped_long": 0}
-        samples, corrupt = all_reduce_sum([stats["samples"], stats["corrupt"]], self.device)
-        reasons = Counter({k[len("skipped."):]: v for k, v in self.data_totals.items() if k.startswith("skipped.")})
+    def _epoch_counts(self) -> tuple[dict[str, int], Counter[str]]:
+        """The current epoch's data record over all ranks (collective) and its skip reasons. The
+        samples and skips are each rank's own, summed; the length drops are the plan's, already
+        over all ranks."""
+        stats = self.train_loader.stats or dict.fromkeys(("samples", "corrupt", "unlisted", "dropped_short",
+                                                          "dropped_long"), 0)
+        samples, corrupt, unlisted = all_reduce_sum([stats["samples"], stats["corrupt"], stats["unlisted"]],
+                                                    self.device)
+        reasons: Counter[str] = Counter()
         for part in all_gather_objects(dict(self.train_loader.skip_reasons)):
             reasons.update(part)
-        partial = stats["samples"] > 0 or stats["corrupt"] > 0  # an epoch under way: its plan counts too
-        return {"samples": self.data_totals["samples"] + int(samples),
-                "skipped": self.data_totals["skipped"] + int(corrupt),
-                "dropped_short": self.data_totals["dropped_short"] + (stats["dropped_short"] if partial else 0),
-                "dropped_long": self.data_totals["dropped_long"] + (stats["dropped_long"] if partial else 0),
-                "unlisted": self.data_totals["unlisted"] + (int(stats.get("unlisted", 0)) if partial else 0),
-                "skipped_by_reason": dict(reasons)}
+        return {"samples": int(samples), "skipped": int(corrupt), "dropped_short": stats["dropped_short"],
+                "dropped_long": stats["dropped_long"], "unlisted": int(unlisted)}, reasons
+
+    def _data_summary(self) -> dict:
+        """The finished epochs' data record plus the current epoch's so far (collective)."""
+        current, reasons = self._epoch_counts()
+        if not (current["samples"] or current["skipped"]):  # no epoch under way: its plan's drops do not count
+            current = dict.fromkeys(current, 0)
+        reasons.update({k[len("skipped."):]: v for k, v in self.data_totals.items() if k.startswith("skipped.")})
+        return {**{k: self.data_totals[k] + v for k, v in current.items()}, "skipped_by_reason": dict(reasons)}
 
 
 def setup_logging(rank: int) -> None:
