@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 
 from data_tools.shards import ShardOptions, make_shards
-from data_tools.sources import read_source
 from data_tools.synthetic import corpus_entries
 from speechssl.data import DataConfig, make_loader
+from speechssl.data.manifest import read_source
 
 
 def measure(shards: Path, workers: int, epochs: int) -> dict:

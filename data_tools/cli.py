@@ -1,4 +1,5 @@
-"""``python -m data_tools <command>`` (also ``speechssl data <command>``): make-shards, inspect, split, synth.
+"""``python -m data_tools <command>``, an alias of ``speechssl data <command>``: make-shards, inspect,
+split, synth. The arguments are defined in :mod:`speechssl_cli.data`.
 
 make-shards and synth lock their output folder while they write, and replace a finished shard set
 there only with ``--overwrite``; split never writes over its input manifest.
@@ -11,30 +12,14 @@ import json
 import sys
 from pathlib import Path
 
-from data_tools.shards import ShardOptions, make_shards
-from data_tools.sources import read_source
-from speechssl.locking import FolderLocked
+# The shard builder and the library are imported where they are used, so that --help answers
+# without importing torch or webdataset.
 
 
-def _shard_options(parser: argparse.ArgumentParser) -> None:
-    d = ShardOptions()
-    parser.add_argument("--sample-rate", type=int, default=d.sample_rate, help="target rate (Hz)")
-    parser.add_argument("--max-count", type=int, default=d.max_count, help="samples per shard (0: no limit)")
-    parser.add_argument("--max-megabytes", type=float, default=d.max_megabytes, help="shard size (0: no limit)")
-    parser.add_argument("--max-hours", type=float, default=d.max_hours, help="audio per shard (0: no limit)")
-    parser.add_argument("--min-seconds", type=float, default=d.min_seconds, help="skip shorter inputs")
-    parser.add_argument("--max-seconds", type=float, default=d.max_seconds, help="skip longer inputs")
-    parser.add_argument("--workers", type=int, default=d.workers, help="decoding processes")
-    parser.add_argument("--prefix", default=d.prefix,
-                        help="shard file name prefix: letters, digits, '_', '-', '.' (not first); no paths")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace a finished shard set (index.json) or shards of this prefix in the output "
-                             "folder; without it they are kept and the build refused. A killed build's leftovers "
-                             "need no --overwrite: make-shards does not resume, it starts again")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+def _options(args: argparse.Namespace):
+    """The ``ShardOptions`` of the arguments (ValueError for a bad prefix)."""
+    from data_tools.shards import ShardOptions
 
-
-def _options(args: argparse.Namespace) -> ShardOptions:
     return ShardOptions(sample_rate=args.sample_rate, max_count=args.max_count, max_megabytes=args.max_megabytes,
                         max_hours=args.max_hours, min_seconds=args.min_seconds, max_seconds=args.max_seconds,
                         workers=args.workers, prefix=args.prefix)
@@ -48,37 +33,16 @@ def _report(index: dict, output: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m data_tools", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    """``python -m data_tools ...``; the exit status."""
+    from speechssl_cli import parser_for
 
-    p = sub.add_parser("make-shards", help="build WebDataset shards from audio files or a manifest")
-    p.add_argument("--input", required=True,
-                   help="folder of audio, LibriSpeech tree, TSV/JSONL manifest or fairseq manifest")
-    p.add_argument("--output", required=True, help="shard directory to write")
-    _shard_options(p)
+    return run(parser_for("data", "python -m data_tools").parse_args(argv))
 
-    p = sub.add_parser("inspect", help="summarise and verify a shard directory")
-    p.add_argument("directory")
-    p.add_argument("--histogram", help="PNG path for the duration histogram (default: DIR/durations.png)")
 
-    p = sub.add_parser("split", help="hold out a dev set from a manifest, deterministically")
-    p.add_argument("--input", required=True, help="TSV or JSONL manifest")
-    p.add_argument("--output", required=True, help="folder for train.* and dev.* (not the input's own names)")
-    p.add_argument("--dev-speakers", type=int, default=0)
-    p.add_argument("--dev-fraction", type=float, default=0.0)
-    p.add_argument("--seed", type=int, default=0)
+def run(args: argparse.Namespace) -> int:
+    """Run the parsed ``speechssl data`` command; errors in the input are one line, exit 2."""
+    from speechssl.locking import FolderLocked
 
-    p = sub.add_parser("synth", help="generate the labelled synthetic demo corpus as shards")
-    p.add_argument("--output", required=True, help="writes OUTPUT/train and OUTPUT/dev (held-out speakers)")
-    p.add_argument("--hours", type=float, required=True)
-    p.add_argument("--speakers", type=int, default=40)
-    p.add_argument("--dev-speakers", type=int, default=4)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--utterance-seconds", type=float, nargs=2, default=[1.0, 5.0], metavar=("MIN", "MAX"),
-                   help="utterance durations are drawn uniformly in [MIN, MAX] seconds (default 1 5)")
-    _shard_options(p)
-
-    args = parser.parse_args(argv)
     try:
         return _run(args)
     except (FileNotFoundError, FileExistsError, ValueError, FolderLocked) as e:
@@ -87,7 +51,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from data_tools.shards import make_shards
+
     if args.command == "make-shards":
+        from speechssl.data.manifest import read_source
+
         options = _options(args)  # checked before the input is read
         entries, kind = read_source(args.input)
         print(f"{args.input}: {kind}, {len(entries)} inputs")

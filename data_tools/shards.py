@@ -27,8 +27,8 @@ from pathlib import Path
 import webdataset as wds
 from tqdm import tqdm
 
-from data_tools.audio import BadAudio, encode_flac, prepare, read_audio
-from data_tools.sources import Entry
+from speechssl.data.audio import BadAudio, encode_flac, prepare, read_audio
+from speechssl.data.manifest import Entry
 from speechssl.data.shardset import FORMAT, INDEX
 from speechssl.locking import FolderLock
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_tools.sources import PATH_COLUMNS, SPEAKER_COLUMNS
+from speechssl.data.manifest import PATH_COLUMNS, SPEAKER_COLUMNS
 
 
 def _rows(manifest: Path) -> tuple[list[str], list[dict], str | None]:

@@ -181,7 +181,7 @@ def corpus_entries(hours: float, num_speakers: int = 40, seed: int = 0,
                    min_seconds: float = 1.0, max_seconds: float = 5.0) -> list:
     """Entries of a synthetic corpus of about ``hours``: speakers ``spk000..``, utterances of
     ``min_seconds``-``max_seconds``, rendered when the shard builder converts them."""
-    from data_tools.sources import Entry
+    from speechssl.data.manifest import Entry
 
     rng = np.random.default_rng(seed)
     speakers = [random_speaker(rng) for _ in range(num_speakers)]

@@ -1,4 +1,5 @@
-"""CTC fine-tuning.
+"""CTC fine-tuning; ``python -m finetune ...`` is an alias of ``speechssl finetune|transcribe|evaluate|
+emissions|build-lm|tune-lm|average ...`` (the arguments are defined in :mod:`speechssl_cli`).
 
     python -m finetune --config configs/finetune/tiny.yaml pretrained=runs/tiny [dotted.key=value ...]
     deepspeed --num_gpus 8 --module finetune --config configs/finetune/tiny.yaml pretrained=runs/base
@@ -9,7 +10,7 @@
     python -m finetune tune-lm MODEL DEV --lm LM_DIR
     python -m finetune average MODEL... --output averaged.pt  (or RUN_DIR --best N / --last N)
 
-``pretrained`` is a pretraining run folder, a model file (``Wav2Vec2Model.save``),
+``pretrained`` is a pretraining run folder, a model file (pretraining, or a CTC model's encoder),
 ``hf:NAME_OR_PATH``, or ``scratch:MODEL_CONFIG`` (a random initialisation: training from scratch).
 The run folder gets ``model.pt`` (the last model), ``best.pt`` (the best by validation WER) with
 ``best.json``, ``averaged.pt`` with ``trainer.average_models``, checkpoints and logs, as
@@ -19,49 +20,43 @@ pretraining does.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
-from speechssl.config import ConfigError, build
+# The library is imported where it is used, so that --help answers without importing torch.
+
+SUBCOMMANDS = ("transcribe", "evaluate", "emissions", "build-lm", "tune-lm", "average")
 
 
 def load_pretrained(source: str, seed: int = 1):
-    """The pretrained speech encoder named by ``pretrained``; ``scratch:MODEL_CONFIG`` is a random
-    initialisation of that architecture (drawn with ``seed``), for from-scratch baselines."""
-    from speechssl import load_model
+    """The pretrained speech encoder named by ``pretrained``
+    (:func:`speechssl.models.loading.load_speech_model`: a run folder, a model file, ``hf:NAME``, or
+    ``scratch:MODEL_CONFIG``, a random initialisation drawn with ``seed``); ConfigError if it cannot
+    be loaded."""
+    from speechssl.config import ConfigError
+    from speechssl.models.loading import load_speech_model
 
-    if source.startswith("scratch:"):
-        import torch
-
-        from speechssl import Wav2Vec2Model, load_model_config
-
-        torch.manual_seed(seed)
-        return Wav2Vec2Model(load_model_config(source[len("scratch:"):]))
-    if source.startswith("hf:"):
-        from transformers import AutoModel
-
-        from speechssl.interop.huggingface import from_huggingface
-
-        return from_huggingface(AutoModel.from_pretrained(source[3:]))
-    path = Path(source)
-    if path.is_dir():
-        path = path / "model.pt"
-    if not path.is_file():
-        raise ConfigError(f"pretrained: {path} does not exist (a run folder with model.pt, a model file, or hf:NAME)")
     try:
-        return load_model(path)
-    except ValueError as e:
+        return load_speech_model(source, seed)
+    except (FileNotFoundError, ValueError) as e:
         raise ConfigError(f"pretrained: {e}") from None
 
 
 def load_config(path: str, overrides: list[str]):
     """The validated job config; every check that needs no model runs here (shards, DeepSpeed)."""
     from finetune.config import FinetuneConfig
+    from speechssl.config import build
+
+    return check_config(build(FinetuneConfig, path, overrides))
+
+
+def check_config(config):
+    """``config`` after the checks that need no model (ConfigError): the shards (labelled ones) and
+    the DeepSpeed settings."""
+    from speechssl.config import ConfigError
     from speechssl.data.shardset import ShardSet
     from speechssl.training.job import check_job
 
-    config = build(FinetuneConfig, path, overrides)
     check_job(config.data, config.valid_shards, config.trainer)
     for key, sources in (("data.shards", config.data.shards), ("valid_shards", config.valid_shards)):
         if sources and not ShardSet(sources).charset():
@@ -94,7 +89,8 @@ def make_tokenizer(config, shardset, rank: int):
 
 def train(config, encoder) -> dict:
     from finetune.task import FinetuneTask
-    from speechssl.training.distributed import init_distributed, pick_device
+    from speechssl.device import pick_device
+    from speechssl.training.distributed import init_distributed
     from speechssl.training.job import make_loaders
     from speechssl.training.run_folder import open_run_folder
     from speechssl.training.trainer import Trainer, setup_logging
@@ -111,45 +107,79 @@ def train(config, encoder) -> dict:
     return Trainer(task, config.trainer, train_loader, valid_loader).fit()
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in ("transcribe", "evaluate", "emissions"):
-        from finetune.transcribe import main as transcribe_main
+def describe_model(config, encoder) -> str:
+    """The plan's model line: the encoder taken from ``pretrained`` and the CTC head."""
+    from finetune.tokenizer import BpeTokenizer, CharTokenizer
+    from speechssl.data.shardset import ShardSet
 
-        return transcribe_main(argv)
-    if argv and argv[0] in ("build-lm", "tune-lm"):
-        from finetune.lm import main as lm_main
+    kept = ("feature_extractor.", "frontend.", "context.")  # what fine-tuning takes from the encoder
+    params = sum(p.numel() for name, p in encoder.named_parameters() if name.startswith(kept))
+    t = config.tokenizer
+    if t.type == "char":
+        vocab = len(CharTokenizer.build([ShardSet(config.data.shards).charset()], case=t.case))
+        head = f"CTC head over {vocab} tokens (characters and the blank)"
+    elif t.model:
+        vocab = len(BpeTokenizer.load(t.model, t.case))
+        head = f"CTC head over {vocab} tokens ({t.model} and the blank)"
+    else:
+        vocab = t.vocab_size + 1
+        head = f"CTC head over up to {vocab} tokens (BPE pieces trained when the run starts, and the blank)"
+    total = params + (encoder.context.output_dim + 1) * vocab
+    return (f"{config.pretrained} ({encoder.config.context.type} context network): {params / 1e6:.2f}M parameters "
+            f"kept, + {head}: {total / 1e6:.2f}M parameters")
 
-        return lm_main(argv)
-    if argv and argv[0] == "average":
-        from speechssl.training.averaging import main as average_main
 
-        return average_main(argv[1:])
-    parser = argparse.ArgumentParser(prog="python -m finetune", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="YAML of a FinetuneConfig (configs/finetune/*.yaml)")
-    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    parser.add_argument("overrides", nargs="*", help="dotted.key=value, e.g. pretrained=runs/tiny")
-    args = parser.parse_args(argv)
+def run(args: argparse.Namespace) -> int:
+    """``speechssl finetune``: train (or ``--print-config``, ``--dry-run``); the exit status."""
+    from finetune.config import FinetuneConfig
+    from speechssl.training.job import run_job
+
+    # The encoder is loaded before any process group is set up.
+    return run_job(args, FinetuneConfig, lambda config: load_pretrained(check_config(config).pretrained,
+                                                                        config.trainer.seed),
+                   train, describe_model)
+
+
+def run_average(args: argparse.Namespace) -> int:
+    """``speechssl average``: average model files, or the validated models of a run."""
+    import json
+
+    from speechssl.training.averaging import ValidatedModels, average_files
+
     try:
-        config = load_config(args.config, args.overrides)
-        encoder = load_pretrained(config.pretrained, config.trainer.seed)  # before any process group is set up
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    import torch.distributed as dist
-
-    from speechssl.training.job import JOB_ERRORS
-
-    try:
-        result = train(config, encoder)
-    except JOB_ERRORS as e:
+        if args.best is not None or args.last is not None:
+            if len(args.models) != 1 or not Path(args.models[0]).is_dir():
+                raise ValueError("--best and --last take one run folder")
+            wanted = args.best if args.best is not None else args.last
+            kept = ValidatedModels(Path(args.models[0]) / "validated", wanted,
+                                   "best" if args.best is not None else "last")
+            if not kept.entries:
+                raise ValueError(f"{kept.folder}: no validated models (train with trainer.average_models=N)")
+            if len(kept.entries) < wanted:
+                print(f"{kept.folder} keeps {len(kept.entries)} models; averaging those", file=sys.stderr)
+            paths = kept.paths()
+        else:
+            paths = [Path(p) for p in args.models]
+            missing = [str(p) for p in paths if not p.is_file()]
+            if missing:
+                raise ValueError(f"no such model file: {', '.join(missing)}")
+        average_files(paths, args.output)
+    except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if dist.get_rank() == 0:
-        print(json.dumps({k: result[k] for k in ("output_dir", "checkpoint", "model", "update", "skipped_updates",
-                                                 "data")}))
+    print(json.dumps({"output": args.output, "averaged": [str(p) for p in paths]}))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m finetune [SUBCOMMAND] ...``: ``speechssl finetune`` without a subcommand, else
+    ``speechssl SUBCOMMAND``."""
+    import speechssl_cli
+
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in SUBCOMMANDS:
+        return speechssl_cli.run(speechssl_cli.alias_parser("python -m finetune", SUBCOMMANDS).parse_args(argv))
+    return run(speechssl_cli.parser_for("finetune", "python -m finetune").parse_args(argv))
 
 
 if __name__ == "__main__":

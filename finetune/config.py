@@ -8,8 +8,8 @@ from typing import Any
 
 from speechssl.config import check
 from speechssl.data.loader import DataConfig
+from speechssl.models.freezing import MODULES, check_schedule
 from speechssl.training.config import TrainerConfig
-from speechssl.training.freezing import MODULES, check_schedule
 
 
 @dataclass

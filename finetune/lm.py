@@ -25,12 +25,12 @@ from pathlib import Path
 from finetune.beam import ARPA, LEXICON, SETTINGS, BeamDecoder, DecoderSettings, LanguageModel, spell, write_lexicon
 from finetune.ngram import KneserNey
 from finetune.tokenizer import WORD, CharTokenizer, fold_case
-from finetune.transcribe import add_source_options, model_or_emissions
+from finetune.transcribe import model_or_emissions
 
 
 def read_texts(sources: list[str]) -> Iterator[str]:
     """The transcripts of shard directories and manifests, or the lines of ``.txt`` files."""
-    from data_tools.sources import read_source
+    from speechssl.data.manifest import read_source
     from speechssl.data.shardset import INDEX, ShardSet
 
     for name in sources:
@@ -110,29 +110,16 @@ def tune(tokenizer, blank: int, batches, lm_dir: str, grid: dict[str, list[float
     return tuned
 
 
-def _floats(text: str) -> list[float]:
-    return [float(x) for x in text.split(",") if x.strip()]
-
-
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m finetune", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
-    b = sub.add_parser("build-lm", help="an n-gram LM and lexicon from transcripts")
-    b.add_argument("sources", nargs="+", help="shard directories, manifests with text, or .txt files")
-    b.add_argument("--output", required=True, help="the LM folder")
-    b.add_argument("--order", type=int, default=4)
-    b.add_argument("--case", choices=("upper", "lower", "keep"), default="upper",
-                   help="case folding (the tokenizer's; default upper)")
-    b.add_argument("--model", help="spell the lexicon in this CTC model's tokens (default: characters)")
-    t = sub.add_parser("tune-lm", help="the LM weight, word score and blank penalty that decode dev best")
-    add_source_options(t)
-    t.add_argument("--lm", required=True, help="a build-lm folder; decoding.json is written there")
-    t.add_argument("--lm-weights", type=_floats, default=[0.0, 0.5, 1.0, 1.5, 2.0, 3.0])
-    t.add_argument("--word-scores", type=_floats, default=[-1.0, 0.0, 1.0, 2.0])
-    t.add_argument("--blank-penalties", type=_floats, default=[0.0, 1.0])
-    t.add_argument("--beam", type=int, default=50)
-    args = parser.parse_args(argv)
+    """``python -m finetune build-lm|tune-lm ...``: ``speechssl build-lm|tune-lm``, whose arguments
+    are defined in :mod:`speechssl_cli.decoding`."""
+    from speechssl_cli import alias_parser
+
+    return run(alias_parser("python -m finetune", ("build-lm", "tune-lm")).parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Build an LM or tune its decoding weights (``args.command``); the exit status."""
     try:
         if args.command == "build-lm":
             tokenizer = None

@@ -14,13 +14,14 @@ from torch import nn
 from finetune.config import FinetuneConfig
 from finetune.decoding import error_counts, greedy_decode
 from finetune.tokenizer import Tokenizer
-from speechssl.config import load_model_config, to_dict
+from speechssl.config import to_dict
 from speechssl.data.loader import AudioBatch
 from speechssl.device import to_device
+from speechssl.models.config import load_model_config
 from speechssl.models.ctc import CTCModel
 from speechssl.models.encoder import SpeechEncoder
-from speechssl.training.freezing import is_frozen
-from speechssl.training.trainer import StepOutput
+from speechssl.models.freezing import is_frozen
+from speechssl.training.task import StepOutput, Task
 
 log = logging.getLogger("speechssl.finetune")
 
@@ -36,13 +37,14 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> list[str]:
     return out
 
 
-class FinetuneTask:
+class FinetuneTask(Task):
     """The loss of an update is the CTC loss summed over its utterances divided by their number
     (fairseq's ``sentence_avg``). Utterances with more targets than frames cannot be aligned: their
     loss is zeroed (``zero_infinity``) and they are counted as ``unalignable``. Validation decodes
     greedily and reports WER and CER; the best model by validation WER is kept as ``best.pt``."""
 
     stat_keys = ("unalignable", "tokens", "word_errors", "words", "char_errors", "chars")
+    progress_keys = ("loss", "cer", "wer")
     best_metric = "wer"
 
     def __init__(self, config: FinetuneConfig, encoder: SpeechEncoder, tokenizer: Tokenizer,
@@ -60,13 +62,14 @@ class FinetuneTask:
 
     # ------------------------------------------------------------------ the optimizer's view
 
-    @staticmethod
-    def param_group(name: str) -> str:
+    def param_group(self, name: str) -> str:
+        """One group per top-level module (``feature_extractor``, ``frontend``, ``context``, ``lm_head``)."""
         return name.split(".")[0]
 
-    def lr_factor(self, module: str, update: int) -> float:
-        spec = self.config.freeze_updates.get(module)
-        return 0.0 if spec is not None and is_frozen(spec, update) else self.config.lr_scale.get(module, 1.0)
+    def lr_factor(self, group: str, update: int) -> float:
+        """0 while the module is frozen, else its ``lr_scale``."""
+        spec = self.config.freeze_updates.get(group)
+        return 0.0 if spec is not None and is_frozen(spec, update) else self.config.lr_scale.get(group, 1.0)
 
     # ------------------------------------------------------------------ steps
 

@@ -40,8 +40,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from speechssl.data.audio import normalize_audio
+from speechssl.data.audio import normalize_audio, pad_waveforms
 from speechssl.data.inputs import SAMPLE_RATE, Utterance, batches, read_utterances
+from speechssl.device import pick_device
 from speechssl.features import LayerFeatures, min_input_samples, window_batches
 
 Decoder = Callable[[Tensor, Tensor], list[str]]  # (log_probs (B, T, V), frames (B,)) -> texts
@@ -146,12 +147,9 @@ def _emissions(model, utterances: Iterator[Utterance], device: torch.device, max
                 yield [utt], log_probs[None], torch.tensor([len(log_probs)])
             continue
         for batch in batches(group, max_seconds):
-            lengths = torch.tensor([len(u.audio) for u in batch])
-            waves = torch.zeros(len(batch), int(lengths.max()))
-            for i, u in enumerate(batch):
-                # as in training (data.normalize)
-                waves[i, : len(u.audio)] = torch.from_numpy(normalize_audio(u.audio) if model.normalize_audio
-                                                            else u.audio)
+            # normalised as in training (data.normalize)
+            waves, lengths = pad_waveforms([normalize_audio(u.audio) if model.normalize_audio else u.audio
+                                            for u in batch])
             logits, frames = model(waves.to(device), lengths)
             yield batch, logits.float().log_softmax(-1).cpu(), frames.cpu()
     if count:
@@ -198,23 +196,8 @@ def load_model(path: str, device: str):
     model = load_ctc_model(path)
     if model.tokenizer is None:
         raise ValueError(f"{path} has no tokenizer (it was not written by the fine-tuning job)")
-    chosen = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if device == "auto" else device))
+    chosen = pick_device(device)
     return model, chosen
-
-
-def add_decoder_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--decoder", choices=("greedy", "beam"), default=None,
-                        help="greedy (the default without --lm) or beam (the default with --lm)")
-    parser.add_argument("--lm", help="a build-lm folder (lm.arpa, lexicon.txt, tuned decoding.json) or an ARPA file")
-    parser.add_argument("--lexicon", help="WORD<TAB>tokens per line (default: the LM folder's, or the LM's "
-                                          "words spelled with the model's tokenizer)")
-    parser.add_argument("--beam", type=int, default=None, help="beam size (default 50)")
-    parser.add_argument("--beam-threshold", type=float, default=None, help="pruning margin (default 50)")
-    parser.add_argument("--lm-weight", type=float, default=None, help="LM weight (default: tuned, else 2)")
-    parser.add_argument("--word-score", type=float, default=None, help="score per word (default: tuned, else 0)")
-    parser.add_argument("--blank-penalty", type=float, default=None,
-                        help="subtracted from the blank's log-probability (default: tuned with the LM, else 0)")
 
 
 def make_decoder(args: argparse.Namespace, tokenizer, blank: int) -> tuple[Decoder, dict]:
@@ -260,27 +243,8 @@ def model_or_emissions(args: argparse.Namespace):
     return tokenizer_from_dict(model.tokenizer), model.blank, batches, skipped
 
 
-def add_window_options(parser: argparse.ArgumentParser) -> None:
-    d = Windows()
-    parser.add_argument("--max-seconds", type=float, default=d.max_seconds,
-                        help=f"longer recordings run in overlapping windows (default {d.max_seconds:g})")
-    parser.add_argument("--window-seconds", type=float, default=d.window_seconds,
-                        help=f"window length (default {d.window_seconds:g})")
-    parser.add_argument("--overlap-seconds", type=float, default=d.overlap_seconds,
-                        help=f"overlap of consecutive windows, less than the window (default {d.overlap_seconds:g})")
-
-
 def window_options(args: argparse.Namespace) -> Windows:
     return Windows(args.max_seconds, args.window_seconds, args.overlap_seconds)
-
-
-def add_source_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", nargs="?", help="a fine-tuned CTC model file")
-    parser.add_argument("data", nargs="*", help="manifests or shard directories with transcripts")
-    parser.add_argument("--emissions", nargs="+", help="emissions files (`emissions`) instead of MODEL and DATA")
-    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    parser.add_argument("--batch-seconds", type=float, default=300.0, help="padded audio per batch")
-    add_window_options(parser)
 
 
 def score(tokenizer, rows: list[tuple[str, str, str]]) -> tuple[dict, list[str]]:
@@ -333,29 +297,16 @@ def write_scores(folder: Path, rows: list[tuple[str, str, str]], references: lis
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m finetune", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
-    t = sub.add_parser("transcribe", help="print or write id<TAB>transcript")
-    t.add_argument("model", help="a fine-tuned model file (model.pt or best.pt of a fine-tuning run)")
-    t.add_argument("inputs", nargs="+", help="audio files, directories, manifests or shard directories")
-    t.add_argument("--output", help="write id<TAB>transcript lines here instead of stdout")
-    t.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    t.add_argument("--batch-seconds", type=float, default=300.0, help="padded audio per batch")
-    add_window_options(t)
-    e = sub.add_parser("evaluate", help="WER and CER against the transcripts")
-    add_source_options(e)
-    e.add_argument("--output", help="folder for hypotheses.tsv and scores.json")
-    for p in (t, e):
-        add_decoder_options(p)
-    m = sub.add_parser("emissions", help="save the model's log-probabilities over the data")
-    m.add_argument("model", help="a fine-tuned CTC model file")
-    m.add_argument("data", nargs="+", help="audio files, directories, manifests or shard directories")
-    m.add_argument("--output", required=True, help="the emissions file to write")
-    m.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    m.add_argument("--batch-seconds", type=float, default=300.0, help="padded audio per batch")
-    add_window_options(m)
-    args = parser.parse_args(argv)
+    """``python -m finetune transcribe|evaluate|emissions ...``: ``speechssl transcribe|evaluate|emissions``,
+    whose arguments are defined in :mod:`speechssl_cli.decoding`."""
+    from speechssl_cli import alias_parser
+
+    return run(alias_parser("python -m finetune", ("transcribe", "evaluate", "emissions")).parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Transcribe, evaluate or save emissions (``args.command``) as the parsed arguments say; the
+    exit status."""
     from finetune.tokenizer import tokenizer_from_dict
 
     try:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from speechssl.config import ModelConfig
 from speechssl.data.loader import DataConfig
+from speechssl.models.config import ModelConfig
 from speechssl.training.config import TrainerConfig
 
 

@@ -1,7 +1,7 @@
 """The README's main job: pretrain the tiny model on the built-in synthetic corpus, on a CPU, then
 fine-tune it with CTC and transcribe held-out speakers.
 
-    python -m pretrain.demo [dotted.key=value ...]
+    speechssl demo [dotted.key=value ...]          (or python -m pretrain.demo, ./run.sh demo)
 
 Writes the synthetic corpus's shards to data/synth (once), pretrains configs/pretrain/tiny.yaml,
 renders the report, fine-tunes with configs/finetune/tiny.yaml on the same corpus's transcripts,
@@ -12,6 +12,7 @@ own shards with ``data.shards=[DIR] valid_shards=[DIR]`` (then only pretraining 
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 import time
@@ -23,7 +24,16 @@ CORPUS = Path("data/synth")
 
 
 def main(argv: list[str] | None = None) -> int:
-    overrides = sys.argv[1:] if argv is None else argv
+    """``python -m pretrain.demo``: ``speechssl demo``, whose arguments are defined in
+    :mod:`speechssl_cli.jobs` (``--help`` builds nothing)."""
+    from speechssl_cli import parser_for
+
+    return run(parser_for("demo", "python -m pretrain.demo").parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
+    """The demo, with ``args.overrides`` for pretraining; the exit status."""
+    overrides = args.overrides
     own_data = any(o.startswith(("data.shards=", "data=")) for o in overrides)
     start = time.perf_counter()
     if not own_data and not (CORPUS / "train" / "index.json").is_file():
@@ -34,8 +44,8 @@ def main(argv: list[str] | None = None) -> int:
                     "--max-count", "50"])
 
     from pretrain.__main__ import load_config, train
-    from pretrain.report import render
     from speechssl.config import ConfigError
+    from speechssl.training.report import render
 
     try:
         config = load_config(CONFIG, overrides)

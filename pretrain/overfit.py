@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 import torch
 
 from data_tools.synthetic import generate_batch
-from speechssl.config import ConfigError, ModelConfig, build, check
+from speechssl.config import ConfigError, build, check
+from speechssl.models.config import ModelConfig
 from speechssl.models.wav2vec2 import PretrainOutput, Wav2Vec2Model
 from speechssl.training.scaled_adam import ScaledAdam
 
@@ -115,10 +116,15 @@ def run(config: OverfitConfig, echo: bool = True) -> list[dict[str, float]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="YAML file of an OverfitConfig")
-    parser.add_argument("overrides", nargs="*", help="dotted.key=value, e.g. model.context.num_layers=4")
-    args = parser.parse_args(argv)
+    """``python -m pretrain.overfit``: ``speechssl overfit``, whose arguments are defined in
+    :mod:`speechssl_cli.jobs`."""
+    from speechssl_cli import parser_for
+
+    return run_command(parser_for("overfit", "python -m pretrain.overfit").parse_args(argv))
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """Build the config of the parsed arguments and run it; the exit status."""
     try:
         config = build(OverfitConfig, args.config, args.overrides)
     except ConfigError as e:

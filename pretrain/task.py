@@ -10,12 +10,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from speechssl.config import ModelConfig
 from speechssl.data.loader import AudioBatch
 from speechssl.device import to_device
+from speechssl.models.config import ModelConfig
 from speechssl.models.wav2vec2 import Wav2Vec2Model
 from speechssl.training.health import HealthMonitor
-from speechssl.training.trainer import StepOutput
+from speechssl.training.task import StepOutput, Task
 
 log = logging.getLogger("speechssl.pretrain")
 
@@ -26,12 +26,13 @@ def matched_temp_decay(temp_start: float, temp_end: float, max_updates: int, rea
     return math.exp(math.log(temp_end / temp_start) / (reach * max_updates))
 
 
-class PretrainTask:
+class PretrainTask(Task):
     """Masks are drawn in ``prepare``, before any forward, so the trainer knows every micro-batch's
     number of masked frames (the loss normaliser) up front."""
 
     stat_keys = ("contrastive", "diversity", "feature_penalty", "correct", "prob_perplexity", "code_perplexity",
                  "temperature")
+    progress_keys = ("loss", "accuracy", "prob_perplexity")
 
     def __init__(self, model_config: ModelConfig, max_updates: int, sample_rate: int = 16000):
         self.model_config = model_config
@@ -53,7 +54,7 @@ class PretrainTask:
         lengths = batch.lengths
         frames = model.feature_extractor.output_lengths(lengths)
         waveforms = to_device(batch.waveforms, device, dtype)
-        mask = model.compute_mask(to_device(frames, device), (len(lengths), int(frames.max())), device)
+        mask = model.masker.time_mask(to_device(frames, device), (len(lengths), int(frames.max())), device)
         return {"waveforms": waveforms, "lengths": lengths, "mask": mask, "sample_size": mask.sum(),
                 "audio_seconds": float(lengths.sum()) / self.sample_rate}
 

@@ -1,6 +1,7 @@
 """speechssl: self-supervised speech pretraining in the wav2vec 2.0 family."""
 
-from speechssl.config import ConfigError, ModelConfig, load_model_config
+from speechssl.config import ConfigError
+from speechssl.models.config import ModelConfig, load_model_config
 from speechssl.models.wav2vec2 import PretrainOutput, Wav2Vec2Model, load_model
 
 __all__ = ["ConfigError", "ModelConfig", "PretrainOutput", "Wav2Vec2Model", "load_model", "load_model_config"]

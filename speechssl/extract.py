@@ -1,11 +1,10 @@
 """Feature extraction to disk: hidden states of chosen layers for every utterance of a corpus.
 
-    python -m speechssl.extract MODEL INPUT... --output DIR [--layers 6,12] [--format npy|shards|safetensors]
-    speechssl extract MODEL INPUT... --output DIR ...
+    speechssl extract MODEL INPUT... --output DIR [--layers 6,12] [--format npy|shards|safetensors]
 
 MODEL is a pretraining run folder (its ``model.pt``), a model file (pretraining or CTC), or
 ``hf:NAME_OR_PATH`` (a Hugging Face Wav2Vec2 or Wav2Vec2-Conformer checkpoint). INPUT is audio
-files, directories, manifests or shard directories (as for ``python -m finetune transcribe``).
+files, directories, manifests or shard directories (as for ``speechssl transcribe``).
 ``--layers``: indices (0 is the context input), ``all`` or ``last`` (see
 :mod:`speechssl.features`).
 
@@ -54,37 +53,22 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from speechssl.data.audio import normalize_audio
+from speechssl.data.audio import normalize_audio, pad_waveforms
 from speechssl.data.inputs import SAMPLE_RATE, Utterance, batches, read_utterances, skip
+from speechssl.device import pick_device
 from speechssl.features import LayerFeatures, min_input_samples
 from speechssl.locking import FolderLock, FolderLocked
 from speechssl.models.encoder import SpeechEncoder
+from speechssl.models.loading import load_speech_model
 
 INDEX_HEADER = "id\tfile\tframes\tmeta\n"
 
 
 def load_encoder(source: str) -> tuple[SpeechEncoder, bool]:
-    """The model named by ``source`` and whether it expects normalised audio (a CTC model says so;
-    for the others, ``--normalize``)."""
-    if source.startswith("hf:"):
-        from speechssl.interop.huggingface import from_huggingface
-
-        return from_huggingface(source[3:]), False
-    path = Path(source)
-    if path.is_dir():
-        path = path / "model.pt"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist (a run folder with model.pt, a model file, or hf:NAME)")
-    blob = torch.load(path, map_location="cpu", weights_only=True)
-    kind = blob.get("format") if isinstance(blob, dict) else None
-    if kind == "speechssl.CTCModel":
-        from speechssl.models.ctc import load_ctc_model
-
-        model = load_ctc_model(path)
-        return model, bool(model.normalize_audio)
-    from speechssl import load_model
-
-    return load_model(path), False
+    """The model named by ``source`` (:func:`speechssl.models.loading.load_speech_model`) and
+    whether it expects normalised audio (a CTC model says so; for the others, ``--normalize``)."""
+    model = load_speech_model(source)
+    return model, bool(getattr(model, "normalize_audio", False))
 
 
 def _meta(utt: Utterance) -> dict:
@@ -286,15 +270,6 @@ def clear_outputs(out: Path) -> None:
             path.unlink()
 
 
-def parse_layers(text: str) -> list[int] | str:
-    if text in ("all", "last"):
-        return text
-    try:
-        return [int(part) for part in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--layers: indices like 6,12, or all, or last; got {text!r}") from None
-
-
 def check_arguments(args: argparse.Namespace) -> None:
     """Raise ValueError naming the first argument that cannot work, before the model is loaded."""
     for name in args.inputs:
@@ -327,31 +302,8 @@ def window_samples(features: LayerFeatures, window_seconds: float, overlap_secon
     return window, overlap
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m speechssl.extract", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model", help="a run folder, a model file, or hf:NAME_OR_PATH")
-    parser.add_argument("inputs", nargs="+", help="audio files, directories, manifests or shard directories")
-    parser.add_argument("--output", required=True, help="the folder to write (and to resume in)")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="delete what an earlier extraction wrote to --output first, whatever its settings")
-    parser.add_argument("--layers", type=parse_layers, default="last", help="e.g. 6,12, or all, or last")
-    parser.add_argument("--format", choices=["npy", "shards", "safetensors"], default="npy")
-    parser.add_argument("--per-file", type=int, default=1000, help="utterances per tar or safetensors file")
-    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32",
-                        help="compute precision on a GPU (features are saved as float32 or float16)")
-    parser.add_argument("--save-dtype", choices=["float32", "float16"], default="float32")
-    parser.add_argument("--normalize", action="store_true",
-                        help="zero mean, unit variance per utterance, for models pretrained with data.normalize")
-    parser.add_argument("--batch-seconds", type=float, default=300.0, help="padded audio per batch")
-    parser.add_argument("--max-seconds", type=float, default=60.0, help="longer recordings are windowed")
-    parser.add_argument("--window-seconds", type=float, default=30.0, help="window length for long recordings")
-    parser.add_argument("--overlap-seconds", type=float, default=4.0,
-                        help="overlap of consecutive windows (less than --window-seconds)")
-    parser.add_argument("--workers", type=int, default=2, help="processes decoding shards")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    args = parser.parse_args(argv)
+def run(args: argparse.Namespace) -> int:
+    """Extract as the parsed arguments of ``speechssl extract`` say; the exit status."""
     try:
         check_arguments(args)
         model, normalize = load_encoder(args.model)
@@ -387,8 +339,7 @@ def extract(args: argparse.Namespace, features: LayerFeatures, out: Path, normal
             overlap: int) -> dict:
     """Write the features of every utterance of ``args.inputs`` not yet in ``out``; the summary."""
     model = features.model
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
+    device = pick_device(args.device)
     features.to(device)
     model.extract_per_utterance = True  # features that do not depend on what they were batched with
     writer = {"npy": lambda: NpyWriter(out, features.layers),
@@ -441,10 +392,7 @@ def extract(args: argparse.Namespace, features: LayerFeatures, out: Path, normal
     start = time.perf_counter()
     try:
         for batch in batches(unwindowed(), args.batch_seconds):
-            lengths = torch.tensor([len(u.audio) for u in batch])
-            waves = torch.zeros(len(batch), int(lengths.max()))
-            for i, u in enumerate(batch):
-                waves[i, : len(u.audio)] = torch.from_numpy(u.audio)
+            waves, lengths = pad_waveforms([u.audio for u in batch])
             with autocast:
                 result = features(waves.to(device), lengths)
             for i, utt in enumerate(batch):
@@ -459,6 +407,3 @@ def extract(args: argparse.Namespace, features: LayerFeatures, out: Path, normal
             "audio_seconds_per_second": round(audio / max(seconds, 1e-9), 1),
             "real_time_factor": round(seconds / audio, 5) if audio else None}
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from speechssl.data.audio import pad_waveforms
 from speechssl.models.encoder import SpeechEncoder
 from speechssl.models.fbank import SHIFT, FbankExtractor
 
@@ -76,10 +77,7 @@ def window_batches(audio: Tensor, plan: list[tuple[int, int, int, int]], batch_w
     time: ``(index of the group's first window, its plan rows, waves (B, S') zero-padded, lengths (B,))``."""
     for first in range(0, len(plan), batch_windows):
         group = plan[first: first + batch_windows]
-        lengths = torch.tensor([end - start for start, end, _, _ in group])
-        waves = audio.new_zeros(len(group), int(lengths.max()))
-        for row, (start, end, _, _) in enumerate(group):
-            waves[row, : end - start] = audio[start:end]
+        waves, lengths = pad_waveforms([audio[start:end] for start, end, _, _ in group], audio.dtype)
         yield first, group, waves, lengths
 
 

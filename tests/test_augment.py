@@ -11,10 +11,10 @@ import soundfile as sf
 import torch
 
 from data_tools.shards import ShardOptions, make_shards
-from data_tools.sources import Entry
 from speechssl.config import ConfigError, build
 from speechssl.data import DataConfig, make_loader
 from speechssl.data.augment import AugmentConfig, change_speed
+from speechssl.data.manifest import Entry
 
 RATE = 16000
 

@@ -8,7 +8,8 @@ import pytest
 
 from pretrain.config import PretrainConfig
 from pretrain.overfit import OverfitConfig
-from speechssl.config import ConfigError, ModelConfig, build, load_model_config
+from speechssl.config import ConfigError, build
+from speechssl.models.config import ModelConfig, load_model_config
 from speechssl.models.context.transformer import TransformerConfig
 from speechssl.models.wav2vec2 import Wav2Vec2Model
 from speechssl.training.config import deepspeed_config

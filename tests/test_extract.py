@@ -13,11 +13,12 @@ import soundfile as sf
 import torch
 
 from data_tools.shards import ShardOptions, make_shards
-from data_tools.sources import Entry
 from data_tools.synthetic import corpus_entries, render
 from speechssl import Wav2Vec2Model, load_model, load_model_config
-from speechssl.extract import main, read_features
+from speechssl.data.manifest import Entry
+from speechssl.extract import read_features
 from speechssl.features import LayerFeatures
+from speechssl_cli import main as speechssl
 from tests.conftest import REPO
 
 
@@ -45,7 +46,7 @@ def _run(*args: str) -> dict:
 
     out = StringIO()
     with redirect_stdout(out):
-        assert main([*args, "--quiet"]) == 0
+        assert speechssl(["extract", *args, "--quiet"]) == 0
     return json.loads(out.getvalue().strip().splitlines()[-1])
 
 
@@ -140,7 +141,7 @@ def test_window_settings_are_checked() -> None:
 
 
 def test_console_entry_and_clear_errors(corpus: Path, tmp_path: Path) -> None:
-    done = subprocess.run([sys.executable, "-m", "speechssl.cli", "extract", str(corpus / "model.pt"),
+    done = subprocess.run([sys.executable, "-m", "speechssl_cli", "extract", str(corpus / "model.pt"),
                            str(corpus / "wav"), "--output", str(tmp_path / "x"), "--quiet", "--layers", "last"],
                           capture_output=True, text=True, cwd=REPO, check=False, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -150,6 +151,6 @@ def test_console_entry_and_clear_errors(corpus: Path, tmp_path: Path) -> None:
                         ([str(corpus / "model.pt"), str(corpus / "wav"), "--layers", "7"], "layers [7]"),
                         ([str(corpus / "model.pt"), str(corpus / "wav"), "--layers", "1"],
                          "other settings (layers: [2] there, [1] now)")):
-        bad = subprocess.run([sys.executable, "-m", "speechssl.extract", *args, "--output", str(tmp_path / "x")],
+        bad = subprocess.run([sys.executable, "-m", "speechssl_cli", "extract", *args, "--output", str(tmp_path / "x")],
                              capture_output=True, text=True, cwd=REPO, check=False, timeout=300)
         assert bad.returncode == 2 and words in bad.stderr, bad.stderr[-2000:]

@@ -16,9 +16,9 @@ import soundfile as sf
 import torch
 
 from data_tools.shards import ShardOptions, make_shards
-from data_tools.sources import read_source
 from data_tools.split import split_manifest
 from finetune.transcribe import main as finetune_main
+from speechssl.data.manifest import read_source
 from speechssl.locking import FolderLock
 from tests.conftest import REPO
 

@@ -17,13 +17,14 @@ import soundfile as sf
 import torch
 
 from data_tools.shards import ShardOptions, make_shards
-from data_tools.sources import Entry
 from data_tools.synthetic import corpus_entries, render
 from speechssl import Wav2Vec2Model, load_model, load_model_config
 from speechssl.data.inputs import read_utterances
-from speechssl.extract import main, read_features
+from speechssl.data.manifest import Entry
+from speechssl.extract import read_features
 from speechssl.features import LayerFeatures, min_input_samples
 from speechssl.locking import FolderLock
+from speechssl_cli import main as speechssl
 from tests.conftest import REPO
 
 # Ids that a "replace unsafe characters by _" file name merges pairwise, and two ordinary ones.
@@ -50,13 +51,13 @@ def _main(*args: str) -> tuple[int, dict | None]:
     """The CLI in this process, without a progress bar: its exit code and JSON summary."""
     out = StringIO()
     with redirect_stdout(out):
-        code = main([*args, "--quiet"])
+        code = speechssl(["extract", *args, "--quiet"])
     lines = out.getvalue().strip().splitlines()
     return code, json.loads(lines[-1]) if lines else None
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "speechssl.extract", *args, "--quiet"], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "speechssl_cli", "extract", *args, "--quiet"], capture_output=True,
                           text=True, cwd=REPO, check=False, timeout=300)
 
 

@@ -20,10 +20,10 @@ import soundfile as sf
 import torch
 
 from data_tools.shards import ShardOptions, make_shards
-from data_tools.sources import Entry
 from data_tools.synthetic import corpus_entries
 from pretrain.__main__ import load_config
 from speechssl.config import ConfigError
+from speechssl.data.manifest import Entry
 from speechssl.locking import FolderLock
 from speechssl.training.metrics_log import read_metrics, rewrite_metrics
 from tests.conftest import REPO

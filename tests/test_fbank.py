@@ -9,10 +9,10 @@ import torchaudio.compliance.kaldi as kaldi
 
 from data_tools.synthetic import corpus_entries, render
 from speechssl import Wav2Vec2Model, load_model, load_model_config
-from speechssl.config import FeatureExtractorConfig
 from speechssl.features import LayerFeatures
 from speechssl.interop.huggingface import to_huggingface
 from speechssl.interop.torchaudio import to_torchaudio
+from speechssl.models.config import FeatureExtractorConfig
 from speechssl.models.ctc import CTCModel
 from speechssl.models.fbank import FbankExtractor
 from tests.conftest import REPO

@@ -8,10 +8,11 @@ import torch
 from finetune.config import FinetuneConfig
 from finetune.task import _flatten
 from finetune.tokenizer import BpeTokenizer, CharTokenizer, tokenizer_from_dict
-from speechssl.config import ConfigError, build, load_model_config, to_dict
+from speechssl.config import ConfigError, build, to_dict
+from speechssl.models.config import load_model_config
 from speechssl.models.ctc import CTCModel
+from speechssl.models.freezing import check_schedule, frozen_modules, is_frozen
 from speechssl.training.config import deepspeed_config
-from speechssl.training.freezing import check_schedule, frozen_modules, is_frozen
 from tests.conftest import REPO
 
 

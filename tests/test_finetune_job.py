@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -69,7 +70,17 @@ def finetuned(corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     assert pretrained.returncode == 0, pretrained.stderr[-3000:]
     done = _run("finetune", CONFIG, [f"pretrained={root / 'pt'}", *_data(corpus, root / "ctc")])
     assert done.returncode == 0, done.stderr[-3000:]
+    (root / "console.txt").write_text(done.stdout)
     return root / "ctc"
+
+
+def test_the_console_shows_each_validation_and_names_the_outputs(finetuned: Path) -> None:
+    console = (finetuned.parent / "console.txt").read_text()
+    shown = re.findall(r"update (\d+) validation: loss [\d.e+-]+, cer [\d.e+-]+, wer [\d.e+-]+", console)
+    assert [int(u) for u in shown] == sorted(_metrics(finetuned, "valid"))
+    for output in ("model.pt", "best.pt", "averaged.pt", "config.yaml", "metrics.jsonl", "report.png"):
+        assert (finetuned / output).exists() == (f"  {output} " in console), output
+    assert (finetuned / "report.png").is_file()
 
 
 def test_finetuning_reaches_a_low_cer_on_held_out_speakers(finetuned: Path) -> None:

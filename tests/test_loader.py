@@ -14,10 +14,10 @@ import soundfile as sf
 import torch
 
 from data_tools.shards import ShardOptions, make_shards
-from data_tools.sources import Entry
 from speechssl.config import ConfigError
 from speechssl.data import DataConfig, make_loader
 from speechssl.data.loader import AudioLoader
+from speechssl.data.manifest import Entry
 
 RATE = 16000
 

@@ -4,7 +4,7 @@ import itertools
 
 import torch
 
-from speechssl.objectives.masking import compute_channel_mask, compute_span_mask
+from speechssl.models.masker import Masker, MaskingConfig, compute_channel_mask, compute_span_mask
 
 
 def _runs(row: torch.Tensor) -> list[tuple[int, int]]:
@@ -80,3 +80,32 @@ def test_mask_prob_zero_masks_nothing_and_a_frame_stays_visible() -> None:
     assert not compute_span_mask((4, 100), 0.0, 10, 2).any()
     short = compute_span_mask((64, 12), 0.65, 10, 2, torch.full((64,), 12), require_same_masks=False)
     assert (short.sum(1) <= 11).all() and short.any()
+
+
+def test_the_masker_draws_what_its_config_asks_and_applies_it() -> None:
+    masker = Masker(MaskingConfig(mask_prob=0.5, mask_length=4, channel_prob=0.5, channel_length=3), dim=16)
+    time, channel = masker.draw(torch.tensor([40, 30]), (2, 40), torch.device("cpu"), require_same_masks=False)
+    assert time.shape == (2, 40) and channel.shape == (2, 16) and time.any() and channel.any()
+    assert not time[1, 30:].any()  # padding is never masked
+    x = torch.randn(2, 40, 16)
+    y = masker(x, time, channel)
+    kept = ~time.unsqueeze(-1) & ~channel.unsqueeze(1)
+    assert torch.equal(y[kept], x[kept])
+    assert (y.masked_select(channel.unsqueeze(1).expand_as(y)) == 0).all()
+    emb_rows = time.unsqueeze(-1) & ~channel.unsqueeze(1)
+    assert torch.equal(y[emb_rows], masker.mask_emb.detach().expand_as(y)[emb_rows])
+    off = Masker(MaskingConfig(mask_prob=0.0, channel_prob=0.0), dim=16)
+    assert off.draw(None, (2, 40), torch.device("cpu")) == (None, None)
+    assert torch.equal(off(x), x)
+
+
+def test_model_files_from_before_the_masker_module_still_load(tmp_path) -> None:
+    """Files written when the mask embedding was ``frontend.mask_emb`` load into ``frontend.masker``."""
+    from speechssl import Wav2Vec2Model, load_model, load_model_config
+
+    model = Wav2Vec2Model(load_model_config("configs/model/tiny_transformer.yaml"))
+    model.save(tmp_path / "new.pt")
+    blob = torch.load(tmp_path / "new.pt", weights_only=True)
+    blob["state_dict"]["frontend.mask_emb"] = blob["state_dict"].pop("frontend.masker.mask_emb")
+    torch.save(blob, tmp_path / "old.pt")
+    assert torch.equal(load_model(tmp_path / "old.pt").frontend.masker.mask_emb, model.frontend.masker.mask_emb)

@@ -6,8 +6,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from speechssl import ModelConfig, Wav2Vec2Model, load_model
+from speechssl import ModelConfig, Wav2Vec2Model, load_model, load_model_config
+from speechssl.models.context import registered_contexts
 from speechssl.models.feature_extractor import FeatureExtractor
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def test_receptive_field_and_exact_output_lengths(tiny_config: ModelConfig) -> None:
@@ -138,3 +141,27 @@ def test_shortest_input_gives_a_finite_loss(tiny_model: Wav2Vec2Model) -> None:
     assert torch.isfinite(out.loss)
     out = tiny_model(torch.randn(2, 800), torch.tensor([800, 400]))
     assert torch.isfinite(out.loss) and not out.mask[1, 1:].any()
+
+
+@pytest.mark.parametrize("context", registered_contexts())
+def test_every_registered_context_network_pretrains_saves_and_loads(context: str, padded_batch, tmp_path: Path
+                                                                    ) -> None:
+    """Each network of the registry, from its tiny config: a finite loss with gradients for its
+    parameters, per-layer features of the padded length, and a saved model that gives the same."""
+    config_file = REPO / "configs" / "model" / f"tiny_{context}.yaml"
+    assert config_file.is_file(), f"a registered context network needs {config_file.relative_to(REPO)}"
+    torch.manual_seed(0)
+    model = Wav2Vec2Model(load_model_config(config_file))
+    assert model.config.context.type == context
+    waves, lengths = padded_batch
+    out = model(waves, lengths)
+    assert torch.isfinite(out.loss) and out.sample_size > 0
+    out.loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.context.parameters())
+    model.eval()
+    states, frames = model.extract_features(waves, lengths)
+    assert len(states) == model.context.depth
+    assert torch.equal(frames, model.feature_extractor.output_lengths(lengths))
+    model.save(tmp_path / "model.pt")
+    again, _ = load_model(tmp_path / "model.pt").eval().extract_features(waves, lengths)
+    assert all(torch.equal(a, b) for a, b in zip(states, again, strict=True))

@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from speechssl.config import QuantizerConfig
+from speechssl.models.config import QuantizerConfig
 from speechssl.models.quantizer import GumbelVectorQuantizer
 
 

@@ -15,9 +15,9 @@ import webdataset as wds
 
 from data_tools.inspect_shards import inspect
 from data_tools.shards import ShardOptions, make_shards, safe_key
-from data_tools.sources import read_source
 from data_tools.split import split_manifest
 from speechssl.data.audio import decode_audio
+from speechssl.data.manifest import read_source
 from tests.conftest import REPO
 
 AN4 = REPO.parent / "shared" / "data" / "an4"

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from speechssl import ModelConfig, Wav2Vec2Model, load_model_config
-from speechssl.models.context.transformer import ConvPositionalEmbedding
+from speechssl.models.context.blocks import ConvPositionalEmbedding
 from speechssl.models.fft_conv import conv1d_fft
 from speechssl.objectives.negatives import sample_negatives
 from speechssl.training.compilation import compile_submodules
@@ -115,7 +115,7 @@ def test_the_compiled_model_computes_the_eager_loss_and_gradients(tiny_config: M
     compile_submodules(compiled, ["model"])
     waves, lengths = torch.randn(2, 8000), torch.tensor([8000, 6000])
     frames = eager.feature_extractor.output_lengths(lengths)
-    mask = eager.compute_mask(frames, (2, int(frames.max())), torch.device("cpu"))
+    mask = eager.masker.time_mask(frames, (2, int(frames.max())), torch.device("cpu"))
     counts = mask.sum(1)
     negatives = sample_negatives(counts, mask.shape[1], tiny_config.loss.num_negatives,
                                  tiny_config.loss.cross_sample_negatives)

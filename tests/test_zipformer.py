@@ -152,7 +152,7 @@ def test_streaming_needs_a_causal_model_in_eval() -> None:
 
 
 def test_schedules_follow_the_update_count() -> None:
-    from speechssl.config import load_model_config
+    from speechssl.models.config import load_model_config
     from speechssl.models.wav2vec2 import Wav2Vec2Model
     from tests.conftest import REPO
 
@@ -189,7 +189,7 @@ def test_tiny_zipformer_learns() -> None:
 
 
 def test_pretraining_step_with_a_zipformer() -> None:
-    from speechssl.config import load_model_config
+    from speechssl.models.config import load_model_config
     from speechssl.models.wav2vec2 import Wav2Vec2Model
     from tests.conftest import REPO
 
@@ -208,7 +208,7 @@ def test_pretraining_step_with_a_zipformer() -> None:
 def test_shipped_sizes_mirror_the_reference_encoder(size: str) -> None:
     """Our context network has the reference encoder's parameters, less the output downsampling
     weight it does not use at factor 1 and the per-layer bypass scales the reference leaves unused."""
-    from speechssl.config import load_model_config
+    from speechssl.models.config import load_model_config
     from tests.conftest import REPO
 
     context = load_model_config(REPO / f"configs/model/{size}_zipformer.yaml").context
@@ -375,7 +375,7 @@ def test_the_zipformer_model_traces_as_one_graph_that_updates_do_not_recompile()
     updates (other schedule values) reuse them."""
     from torch._dynamo.testing import CompileCounter
 
-    from speechssl.config import load_model_config
+    from speechssl.models.config import load_model_config
     from speechssl.models.wav2vec2 import Wav2Vec2Model
     from tests.conftest import REPO
 

@@ -1,11 +1,16 @@
-"""Decoding the audio bytes stored in shards."""
+"""Audio in and out: reading and checking files, resampling, FLAC for shards, decoding shard bytes."""
 
 from __future__ import annotations
 
 import io
+import re
+from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import soundfile as sf
+import soxr
+import torch
 
 # Whatever libsndfile decodes, by extension (plus common aliases).
 AUDIO_EXTENSIONS = {f".{fmt.lower()}" for fmt in sf.available_formats()} | {".aif", ".oga", ".opus", ".wave"}
@@ -17,6 +22,83 @@ def decode_audio(data: bytes) -> tuple[np.ndarray, int]:
     return samples.mean(axis=1), rate
 
 
+def pad_waveforms(waves: Sequence[np.ndarray | torch.Tensor],
+                  dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch of waveforms ``[(S_i,)]`` zero-padded to the longest: ``(waves (B, S), lengths (B,))``,
+    on the device of the first (``(0, 0)`` and ``(0,)`` for no waveform)."""
+    rows = [torch.as_tensor(w) for w in waves]
+    lengths = torch.tensor([len(r) for r in rows], dtype=torch.long)
+    device = rows[0].device if rows else None
+    batch = torch.zeros(len(rows), int(lengths.max()) if rows else 0, dtype=dtype, device=device)
+    for i, row in enumerate(rows):
+        batch[i, : len(row)] = row
+    return batch, lengths
+
+
 def normalize_audio(audio: np.ndarray) -> np.ndarray:
     """Zero mean, unit variance (fairseq's ``normalize``): ``(S,) -> (S,)``, as training saw it."""
     return (audio - audio.mean()) / np.sqrt(audio.var() + 1e-5)
+
+
+class BadAudio(Exception):
+    """An input that cannot go into a shard; ``reason`` is a short code counted in reports."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+def read_audio(path: str | Path) -> tuple[np.ndarray, int]:
+    """Decode a file to mono float32 ``(S,)`` (channels averaged) and its sample rate.
+
+    Raises :class:`BadAudio` with reason ``missing_file``, ``unreadable`` (not audio libsndfile
+    can open), ``corrupt`` (opens, but decoding fails: a cut-off or damaged FLAC/OGG) or
+    ``truncated`` (a WAV/AIFF whose data stops before its header says).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise BadAudio("missing_file", str(path))
+    try:
+        info = sf.info(str(path))
+    except (sf.LibsndfileError, RuntimeError, ValueError, EOFError) as e:
+        raise BadAudio("unreadable", f"{path}: {e}") from None
+    try:
+        data, rate = sf.read(str(path), dtype="float32", always_2d=True)
+    except (sf.LibsndfileError, RuntimeError, ValueError, EOFError) as e:
+        raise BadAudio("corrupt", f"{path}: {e}") from None
+    if info.frames > 0 and len(data) < info.frames:
+        raise BadAudio("truncated", f"{path}: header says {info.frames} frames, decoded {len(data)}")
+    # libsndfile reads a cut-off WAV/AIFF up to its end without an error; its notes tell.
+    cut = re.search(r"data\s*:\s*(\d+)\s*\(should be (\d+)\)", info.extra_info or "")
+    if cut and int(cut.group(1)) > int(cut.group(2)) and int(cut.group(1)) < 0xFFFFFFF0:
+        raise BadAudio("truncated", f"{path}: data chunk of {cut.group(1)} bytes, {cut.group(2)} in the file")
+    return data.mean(axis=1), rate
+
+
+def prepare(samples: np.ndarray, rate: int, target_rate: int, min_seconds: float,
+            max_seconds: float) -> np.ndarray:
+    """Check decoded audio and resample it to ``target_rate``; raises :class:`BadAudio` with reason
+    ``empty``, ``nan_or_inf``, ``too_short`` or ``too_long``."""
+    if samples.size == 0:
+        raise BadAudio("empty")
+    if not np.isfinite(samples).all():
+        raise BadAudio("nan_or_inf")
+    seconds = samples.size / rate
+    if seconds < min_seconds:
+        raise BadAudio("too_short", f"{seconds:.3f}s < {min_seconds}s")
+    if seconds > max_seconds:
+        raise BadAudio("too_long", f"{seconds:.3f}s > {max_seconds}s")
+    if rate != target_rate:
+        samples = soxr.resample(samples, rate, target_rate, quality="HQ").astype(np.float32)
+    return samples
+
+
+def encode_flac(samples: np.ndarray, rate: int) -> tuple[bytes, int]:
+    """16-bit FLAC bytes of float samples in [-1, 1]; returns the bytes and how many samples were
+    clipped to fit."""
+    clipped = int(np.count_nonzero(np.abs(samples) > 1.0))
+    buffer = io.BytesIO()
+    sf.write(buffer, np.clip(samples, -1.0, 1.0), rate, format="FLAC", subtype="PCM_16")
+    return buffer.getvalue(), clipped
+

@@ -19,6 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
+from speechssl.data.audio import BadAudio, prepare, read_audio
+from speechssl.data.manifest import Entry, read_source
+from speechssl.data.shardset import INDEX
+
 SAMPLE_RATE = 16000
 
 
@@ -67,10 +71,6 @@ def read_utterances(inputs: list[str], skipped: Counter, workers: int = 0,
     and so are those of fewer than ``min_samples`` samples at 16 kHz (reason ``too_short``: a model
     cannot run on less than its receptive field, see :func:`speechssl.features.min_input_samples`).
     ``workers``: processes decoding shards (0: this one)."""
-    from data_tools.audio import BadAudio, prepare, read_audio
-    from data_tools.sources import Entry, read_source
-    from speechssl.data.shardset import INDEX
-
     for name in inputs:
         path = Path(name)
         if (path / INDEX).is_file():

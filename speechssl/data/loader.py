@@ -31,7 +31,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from speechssl.config import check
-from speechssl.data.audio import decode_audio, normalize_audio
+from speechssl.data.audio import decode_audio, normalize_audio, pad_waveforms
 from speechssl.data.augment import AugmentConfig, Augmenter, change_speed, draw_speeds, speed_length
 from speechssl.data.plan import EpochPlan, Item, plan_epoch, round_robin
 from speechssl.data.shardset import ShardSet
@@ -252,10 +252,7 @@ class ShardStream(IterableDataset):
                 continue
             waves.append(audio)
             metas.append({**json.loads(meta), "__key__": key, "__shard__": path})
-        lengths = torch.tensor([len(w) for w in waves], dtype=torch.long)
-        batch = torch.zeros(len(waves), int(lengths.max()) if len(waves) else 0)
-        for i, w in enumerate(waves):
-            batch[i, : len(w)] = torch.from_numpy(w)
+        batch, lengths = pad_waveforms(waves)
         return AudioBatch(batch, lengths, {"samples": metas, "skipped": skipped})
 
     def _decode(self, flac: bytes, item: Item, epoch: int, plan: EpochPlan) -> np.ndarray:
@@ -300,6 +297,20 @@ class AudioLoader:
         self._warned_crop = False
         self._warned_unlisted: set[str] = set()
         self.skip_reasons: Counter[str] = Counter()  # the current epoch's skipped samples by reason
+
+    @property
+    def shardset(self) -> ShardSet:
+        return self.stream.shardset
+
+    @property
+    def sample_rate(self) -> int:
+        """The sample rate of every shard it reads."""
+        return self.stream.shardset.sample_rate
+
+    @property
+    def seconds_per_batch(self) -> float:
+        """The most audio one batch holds, padding included (``data.max_tokens`` in seconds)."""
+        return self.stream.config.max_tokens / self.sample_rate
 
     def __len__(self) -> int:
         """Batches this rank yields in the current epoch."""

@@ -15,12 +15,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from speechssl.config import FeatureExtractorConfig, LossConfig, MaskingConfig, ModelConfig, QuantizerConfig
 from speechssl.interop.keys import rename
+from speechssl.models.config import FeatureExtractorConfig, LossConfig, ModelConfig, QuantizerConfig
 from speechssl.models.context.conformer import ConformerConfig
 from speechssl.models.context.transformer import TransformerConfig
 from speechssl.models.ctc import CTCModel
 from speechssl.models.encoder import SpeechEncoder
+from speechssl.models.masker import MaskingConfig
 from speechssl.models.wav2vec2 import Wav2Vec2Model
 
 # (speechssl key, Hugging Face key below the base model's prefix); {i} is a layer number.
@@ -29,7 +30,7 @@ _SHARED = [
     ("feature_extractor.blocks.{i}.norm.", "feature_extractor.conv_layers.{i}.layer_norm."),
     ("frontend.layer_norm.", "feature_projection.layer_norm."),
     ("frontend.projection.", "feature_projection.projection."),
-    ("frontend.mask_emb", "masked_spec_embed"),
+    ("frontend.masker.mask_emb", "masked_spec_embed"),
     ("context.pos_conv.conv.", "encoder.pos_conv_embed.conv."),
     ("context.layer_norm.", "encoder.layer_norm."),
 ]
@@ -240,7 +241,7 @@ def from_huggingface(hf_model: Any) -> Wav2Vec2Model | CTCModel:
     if isinstance(config.context, ConformerConfig):  # Hugging Face keeps an unused positional conv
         state = {k: v for k, v in state.items() if not k.startswith("context.pos_conv.")}
     missing, unexpected = model.load_state_dict(state, strict=False)
-    fresh = ("frontend.mask_emb",)  # Hugging Face has it only when masking is configured
+    fresh = ("frontend.masker.mask_emb",)  # Hugging Face has it only when masking is configured
     if name.endswith("Model"):
         fresh += ("quantizer.", "project_q.", "final_proj.")
     missing = [k for k in missing if not k.startswith(fresh)]

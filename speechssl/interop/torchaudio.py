@@ -13,8 +13,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from speechssl.config import FeatureExtractorConfig, ModelConfig
 from speechssl.interop.keys import rename
+from speechssl.models.config import FeatureExtractorConfig, ModelConfig
 from speechssl.models.context.transformer import TransformerConfig
 from speechssl.models.wav2vec2 import Wav2Vec2Model
 
@@ -123,7 +123,7 @@ def from_torchaudio(ta_model: nn.Module) -> Wav2Vec2Model:
         with torch.no_grad():
             model.context.pos_conv.conv.weight = plain_weight  # weight_norm's right_inverse sets g and v
         missing = [k for k in missing if not k.startswith("context.pos_conv.conv.parametrizations.weight")]
-    pretraining_only = ("frontend.mask_emb", "quantizer.", "project_q.", "final_proj.")
+    pretraining_only = ("frontend.masker.mask_emb", "quantizer.", "project_q.", "final_proj.")
     missing = [k for k in missing if not k.startswith(pretraining_only)]
     if missing or unexpected:
         raise ValueError(f"torchaudio import mismatch: missing {missing}, unexpected {unexpected}")

@@ -12,9 +12,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from speechssl.config import ModelConfig, check, load_model_config, to_dict
+from speechssl.config import check, to_dict
+from speechssl.models.config import ModelConfig, load_model_config
 from speechssl.models.encoder import SpeechEncoder
-from speechssl.training.freezing import check_schedule, frozen_modules
+from speechssl.models.freezing import check_schedule, frozen_modules
 
 FORMAT = "speechssl.CTCModel"
 
@@ -26,7 +27,7 @@ class CTCModel(SpeechEncoder):
     tokenizer: the tokenizer's settings (``to_dict()``), saved with the model. normalize_audio:
     whether it was trained on audio normalised per utterance (``data.normalize``), so inference
     does the same. freeze_updates: a
-    freezing schedule (:mod:`speechssl.training.freezing`), applied by :meth:`set_num_updates`: a
+    freezing schedule (:mod:`speechssl.models.freezing`), applied by :meth:`set_num_updates`: a
     frozen module gets no gradients and, as NeMo's ``freeze()``, runs in eval mode while the model
     trains (no dropout or layer drop, BatchNorm statistics used and left unchanged).
     """
@@ -83,9 +84,8 @@ class CTCModel(SpeechEncoder):
         features, padding_mask, frames = self._features(waveforms, lengths, check_values)
         time_mask = channel_mask = None
         if self.training:
-            if self.config.masking.mask_prob > 0:
-                time_mask = self.compute_mask(frames, features.shape[:2], features.device, require_same_masks=False)
-            channel_mask = self.compute_channel_mask(features.shape[0], features.device)
+            time_mask, channel_mask = self.masker.draw(frames, features.shape[:2], features.device,
+                                                       require_same_masks=False)
         x, _ = self.frontend(features, time_mask, channel_mask)
         out = self.context(x, padding_mask)
         return self.lm_head(self.final_dropout(out.output)), self._lengths(out.padding_mask)

@@ -10,13 +10,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from speechssl.config import ModelConfig
 from speechssl.device import to_device
+from speechssl.models.config import ModelConfig
 from speechssl.models.context import build_context
 from speechssl.models.fbank import FbankExtractor
 from speechssl.models.feature_extractor import FeatureExtractor
 from speechssl.models.frontend import Frontend, GradMultiply
-from speechssl.objectives.masking import compute_channel_mask, compute_span_mask
+from speechssl.models.masker import Masker
 
 
 def receptive_field_of(config: ModelConfig) -> int:
@@ -35,7 +35,8 @@ class SpeechEncoder(nn.Module):
         fbank = config.extractor.type == "fbank"
         self.feature_extractor = FbankExtractor(config.extractor) if fbank else FeatureExtractor(config.extractor)
         self.context = build_context(config.context)
-        self.frontend = Frontend(self.feature_extractor.output_dim, self.context.input_dim, config.dropout_input)
+        self.frontend = Frontend(self.feature_extractor.output_dim, self.context.input_dim, config.dropout_input,
+                                config.masking)
         # The group_norm extractor normalises over time, padding included, so a padded utterance's
         # features depend on its batch (as in fairseq, torchaudio and Hugging Face). True
         # normalises each utterance over its own frames instead (inference: transcripts that do
@@ -130,23 +131,10 @@ class SpeechEncoder(nn.Module):
         out = self.context(x, padding_mask)
         return out.output, self._lengths(out.padding_mask)
 
-    # ------------------------------------------------------------------ masking
-
-    def compute_mask(self, frames: Tensor | None, shape: tuple[int, int], device: torch.device,
-                     require_same_masks: bool | None = None) -> Tensor:
-        """The span mask ``(B, T)`` for rows of ``frames (B,)`` valid frames (config.masking);
-        ``require_same_masks`` overrides the config's."""
-        m = self.config.masking
-        same = m.require_same_masks if require_same_masks is None else require_same_masks
-        return compute_span_mask(shape, m.mask_prob, m.mask_length, m.min_masks, frames, same,
-                                 m.mask_dropout, m.no_overlap, m.min_space, device=device)
-
-    def compute_channel_mask(self, batch: int, device: torch.device) -> Tensor | None:
-        """The channel mask ``(B, D)`` of the context input, or None when channel masking is off."""
-        m = self.config.masking
-        if m.channel_prob <= 0:
-            return None
-        return compute_channel_mask(batch, self.context.input_dim, m.channel_prob, m.channel_length, device=device)
+    @property
+    def masker(self) -> Masker:
+        """Draws and applies the span and channel masks of ``config.masking``."""
+        return self.frontend.masker
 
     # ------------------------------------------------------------------ training hooks
 

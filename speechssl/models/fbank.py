@@ -13,7 +13,7 @@ import torch
 import torchaudio.compliance.kaldi as kaldi
 from torch import Tensor, nn
 
-from speechssl.config import FeatureExtractorConfig
+from speechssl.models.config import FeatureExtractorConfig
 
 SAMPLE_RATE = 16000
 WINDOW = 400  # 25 ms

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from speechssl.config import FeatureExtractorConfig
+from speechssl.models.config import FeatureExtractorConfig
 
 
 class ChannelLayerNorm(nn.LayerNorm):

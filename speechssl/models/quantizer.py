@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from speechssl.config import QuantizerConfig
+from speechssl.models.config import QuantizerConfig
 
 
 @dataclass

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from speechssl.config import ModelConfig, load_model_config, to_dict
+from speechssl.config import to_dict
+from speechssl.models.config import ModelConfig, load_model_config
 from speechssl.models.encoder import SpeechEncoder
 from speechssl.models.quantizer import GumbelVectorQuantizer
 from speechssl.objectives.losses import contrastive_logits, contrastive_loss, diversity_loss
@@ -80,8 +81,8 @@ class Wav2Vec2Model(SpeechEncoder):
         feature_penalty = features.float().pow(2).mean()
         batch, length, _ = features.shape
         if mask is None:
-            mask = self.compute_mask(frames, (batch, length), features.device)
-        channel_mask = self.compute_channel_mask(batch, features.device)
+            mask = self.masker.time_mask(frames, (batch, length), features.device)
+        channel_mask = self.masker.channel_mask(batch, features.device)
         x, normalized = self.frontend(features, mask, channel_mask)
         out = self.context(x, padding_mask)
         if out.output.shape[1] != length:

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Optional
 
 from speechssl.config import REPO_CONFIG_DIR, ConfigError, check
+from speechssl.device import DEVICE_CHOICES
 
 
 @dataclass
@@ -135,7 +136,7 @@ class TrainerConfig:
         for name in ("validate_every", "checkpoint_every", "log_every", "max_valid_batches"):
             check(getattr(self, name) >= 0, f"trainer.{name}", "must be >= 0")
         check(self.keep_checkpoints >= 1, "trainer.keep_checkpoints", "must be >= 1")
-        check(self.device in ("auto", "cpu", "cuda"), "trainer.device", "must be auto, cpu or cuda")
+        check(self.device in DEVICE_CHOICES, "trainer.device", "must be auto, cpu or cuda")
         check(self.resume in ("auto", "none") or Path(self.resume).is_dir(), "trainer.resume",
               f"must be auto, none or a checkpoint folder; {self.resume!r} is none of these")
         check(self.stop_at >= 0, "trainer.stop_at", "must be >= 0")

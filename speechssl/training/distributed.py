@@ -20,17 +20,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def pick_device(choice: str) -> torch.device:
-    """``auto``: this rank's GPU if there is one, else the CPU."""
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise RuntimeError("trainer.device=cuda but no GPU is visible")
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")
-
-
 def init_distributed(device: torch.device) -> tuple[int, int]:
     """Join (or create) the process group; returns ``(rank, world_size)``."""
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:

@@ -17,63 +17,26 @@ import math
 import os
 import time
 from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
 from speechssl.data.loader import AudioBatch, AudioLoader
+from speechssl.device import pick_device
 from speechssl.training import checkpoint
 from speechssl.training.averaging import ValidatedModels, average_files
 from speechssl.training.compilation import compile_submodules
 from speechssl.training.config import TrainerConfig, deepspeed_config, precision
-from speechssl.training.distributed import all_gather_objects, all_reduce_sum, barrier, init_distributed, pick_device
+from speechssl.training.distributed import all_gather_objects, all_reduce_sum, barrier, init_distributed
 from speechssl.training.metrics_log import read_metrics, rewrite_metrics
 from speechssl.training.scaled_adam import ScaledAdam
 from speechssl.training.schedule import lr_lambda
+from speechssl.training.task import Task
 
 log = logging.getLogger("speechssl.train")
-
-
-@dataclass
-class StepOutput:
-    """loss: summed over the batch's targets (a tensor, no host sync); sample_size: number of
-    targets; stats: more sums (device scalars) the task turns into metrics."""
-
-    loss: Tensor
-    sample_size: Tensor
-    stats: dict[str, Tensor] = field(default_factory=dict)
-
-
-class Task(Protocol):
-    """What the trainer needs from a job."""
-
-    def build_model(self) -> nn.Module: ...
-
-    def prepare(self, model: nn.Module, batch: AudioBatch, device: torch.device,
-                dtype: torch.dtype) -> dict[str, Any]:
-        """Move a batch to the device and fix what must be known before the forward; returns a
-        dict with at least ``sample_size`` (device scalar) and ``audio_seconds`` (float)."""
-        ...
-
-    def forward(self, engine: nn.Module, prepared: dict[str, Any]) -> StepOutput: ...
-
-    stat_keys: tuple[str, ...]  # the names of StepOutput.stats
-
-    def metrics(self, sums: dict[str, float]) -> dict[str, float]:
-        """Turn summed stats (over micro-batches, updates and ranks) into logged metrics."""
-        ...
-
-    def check_health(self, update: int, metrics: dict[str, float]) -> None: ...
-
-    def export(self, model: nn.Module, path: Path) -> None: ...
-
-    # Optional: ``param_group(name) -> key`` puts parameters into optimizer groups by key, and
-    # ``lr_factor(key, update) -> float`` scales each group's LR at each update (0 freezes it).
-    # ``best_metric``: a validation metric to minimise; the best model is exported to ``best.pt``.
 
 
 class TrainingStopped(RuntimeError):
@@ -134,10 +97,8 @@ class Trainer:
         if self.cfg.compile:
             compiled = compile_submodules(model, self.cfg.compile, self.cfg.compile_mode)
             log.info("torch.compile: %s", ", ".join(compiled))
-        stream = self.train_loader.stream
         # An upper bound, as icefall's estimate from its batch duration: batches are padded.
-        hours_per_update = (stream.config.max_tokens * self.cfg.update_freq * self.world_size
-                            / stream.shardset.sample_rate / 3600)
+        hours_per_update = self.train_loader.seconds_per_batch * self.cfg.update_freq * self.world_size / 3600
         optimizer, scheduler = self._optimizer_and_schedule(model, hours_per_update)
         self._params = list(model.parameters())  # those with a gradient take part in an update
         # Fused AdamW skips an update on the device when told that its gradients are not finite:
@@ -162,13 +123,12 @@ class Trainer:
     def _param_groups(self, model: nn.Module) -> tuple[list[dict], list[str]]:
         """Optimizer groups (non-empty, so DeepSpeed keeps them all and in order) and their task
         keys. AdamW: no weight decay on biases, norms and embeddings."""
-        key_of = getattr(self.task, "param_group", lambda name: "")
         adamw = self.cfg.optimizer == "adamw"
         groups: dict[tuple[str, bool], list[nn.Parameter]] = {}
         for name, p in model.named_parameters():
             if p.requires_grad:
                 decay = adamw and not (p.ndim < 2 or name.endswith(".bias"))
-                groups.setdefault((key_of(name), decay), []).append(p)
+                groups.setdefault((self.task.param_group(name), decay), []).append(p)
         params = [{"params": ps, **({"weight_decay": self.cfg.weight_decay if decay else 0.0} if adamw else {})}
                   for (_, decay), ps in groups.items()]
         return params, [key for key, _ in groups]
@@ -182,8 +142,7 @@ class Trainer:
             optimizer = torch.optim.AdamW(groups, lr=c.lr, betas=tuple(c.adam_betas), eps=c.adam_eps,
                                           fused=self.device.type == "cuda")  # one kernel for all tensors
         schedule = lr_lambda(c, hours_per_update)
-        factor = getattr(self.task, "lr_factor", lambda key, step: 1.0)
-        lambdas = [lambda step, key=key: schedule(step) * factor(key, step) for key in keys]
+        lambdas = [lambda step, key=key: schedule(step) * self.task.lr_factor(key, step) for key in keys]
         return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
 
     def _resume(self) -> None:
@@ -395,7 +354,7 @@ class Trainer:
     def _keep_best(self, metrics: dict[str, float]) -> None:
         """Export the model to ``best.pt`` when the task's ``best_metric`` reaches a new low;
         ``best.json`` says at which update and with what value (and survives a resume)."""
-        name = getattr(self.task, "best_metric", None)
+        name = self.task.best_metric
         if name is None or self.rank != 0 or name not in metrics:
             return
         record = self.output / "best.json"
@@ -408,7 +367,7 @@ class Trainer:
         """Export the model into the set of validated models to average, if it makes the set."""
         if self.validated is None:
             return
-        metric = metrics.get(getattr(self.task, "best_metric", None) or "loss", metrics["loss"])
+        metric = metrics.get(self.task.best_metric or "loss", metrics["loss"])
         self.validated.add(self.update, metric, self._export)
 
     def _export(self, path: Path) -> None:
@@ -486,15 +445,20 @@ class Trainer:
                 self._log("train", metrics)
                 if self.rank == 0:
                     self.task.check_health(self.update, metrics)
-                    bar.set_postfix({k: f"{metrics[k]:.3g}" for k in ("loss", "accuracy", "prob_perplexity", "lr",
-                                                                        "audio_seconds_per_second") if k in metrics}
+                    shown = (*self.task.progress_keys, "lr", "audio_seconds_per_second")
+                    bar.set_postfix({k: f"{metrics[k]:.3g}" for k in shown if k in metrics}
                                     | ({"skipped": self.skipped_samples} if self.skipped_samples else {}),
                                     refresh=False)
                 last_train, sums, tick, waited = metrics, {}, time.perf_counter(), 0.0
             if cfg.validate_every and (self.update % cfg.validate_every == 0 or done):
+                bar.set_description("validating", refresh=True)
                 last_valid = self.validate()
+                bar.set_description(None, refresh=False)
                 if last_valid is not None:
                     self._log("valid", last_valid)
+                    if self.rank == 0:
+                        bar.write(f"update {self.update} validation: " + ", ".join(
+                            f"{k} {last_valid[k]:.4g}" for k in self.task.progress_keys if k in last_valid))
                     self._keep_best(last_valid)
                     self._keep_for_average(last_valid)
             if (cfg.checkpoint_every and self.update % cfg.checkpoint_every == 0) or done:
@@ -513,15 +477,43 @@ class Trainer:
                          ", ".join(p.name for p in self.validated.paths()))
             if self.writer is not None:
                 self.writer.close()
+        if self.rank == 0:
+            self._write_report()
         barrier()
         data = self._data_summary()
         if self.rank == 0 and (data["skipped"] or data["dropped_short"] or data["dropped_long"]):
             reasons = ", ".join(f"{n} {k}" for k, n in data["skipped_by_reason"].items()) or "none"
             log.info("data: %d samples trained on, %d skipped (%s), %d dropped as too short, %d as too long",
                      data["samples"], data["skipped"], reasons, data["dropped_short"], data["dropped_long"])
+        if self.rank == 0:
+            self._print_outputs(last_valid)
         return {"output_dir": str(self.output), "checkpoint": str(ckpt or checkpoint.latest(self.ckpt_root)),
                 "model": str(model_path), "update": self.update, "train": last_train, "valid": last_valid,
                 "skipped_updates": self._skipped_updates(), "world_size": self.world_size, "data": data}
+
+    def _write_report(self) -> None:
+        """``report.png`` of the metrics so far; a plot that fails never fails the run."""
+        from speechssl.training.report import render
+
+        try:
+            render(self.output)
+        except (OSError, ValueError, RuntimeError) as e:
+            log.warning("report.png not written: %s", e)
+
+    def _print_outputs(self, last_valid: dict[str, float] | None) -> None:
+        """The closing summary: where the run stopped, its last validation, and every output it wrote."""
+        described = [("model.pt", "the model at the last update"),
+                     ("best.pt", f"the best model by validation {self.task.best_metric} (best.json: when)"),
+                     ("averaged.pt", "the average of the best validated models"),
+                     ("checkpoints", "DeepSpeed checkpoints (resume with the same command)"),
+                     ("config.yaml", "the resolved config"), ("metrics.jsonl", "every logged metric"),
+                     ("report.png", "the curves"), ("tensorboard", "TensorBoard logs")]
+        lines = [f"stopped at update {self.update} of {self.cfg.max_updates}; outputs in {self.output}:"]
+        lines += [f"  {name:<14} {what}" for name, what in described if (self.output / name).exists()]
+        if last_valid:
+            lines.insert(1, "  last validation: " + ", ".join(
+                f"{k} {last_valid[k]:.4g}" for k in self.task.progress_keys if k in last_valid))
+        print("\n".join(lines), flush=True)
 
     def _epoch_counts(self) -> tuple[dict[str, int], Counter[str]]:
         """The current epoch's data record over all ranks (collective) and its skip reasons. The

@@ -20,11 +20,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from speechssl.config import check
-from speechssl.models.context import ContextNetwork, ContextOutput, init_bert_params, register_context
-from speechssl.models.context.transformer import ConvPositionalEmbedding
+from speechssl.models.context.base import ContextNetwork, ContextOutput, init_bert_params, register_context
+from speechssl.models.context.blocks import ACTIVATIONS, ConvPositionalEmbedding, FeedForward
 
 POSITION_EMBEDDINGS = ("relative", "rotary", "none")
-ACTIVATIONS = {"swish": F.silu, "gelu": F.gelu}
 
 
 @dataclass
@@ -221,21 +220,6 @@ class ConformerAttention(nn.Module):
         return self.linear_out(y.transpose(1, 2).reshape(batch, length, dim))
 
 
-class ConformerFeedForward(nn.Module):
-    """``Linear -> activation -> dropout -> Linear -> dropout``: ``(B, T, D) -> (B, T, D)``."""
-
-    def __init__(self, config: ConformerConfig):
-        super().__init__()
-        self.fc1 = nn.Linear(config.embed_dim, config.ffn_dim)
-        self.fc2 = nn.Linear(config.ffn_dim, config.embed_dim)
-        self.activation = ACTIVATIONS[config.activation]
-        self.activation_dropout = nn.Dropout(config.activation_dropout)
-        self.dropout = nn.Dropout(config.dropout)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.dropout(self.fc2(self.activation_dropout(self.activation(self.fc1(x)))))
-
-
 class BatchNorm1dFP32(nn.BatchNorm1d):
     """BatchNorm1d that normalises in fp32 and returns the input's dtype: ``(B, C, T) -> (B, C, T)``.
 
@@ -282,13 +266,15 @@ class ConformerLayer(nn.Module):
         super().__init__()
         dim = config.embed_dim
         self.ffn1_layer_norm = nn.LayerNorm(dim)
-        self.ffn1 = ConformerFeedForward(config)
+        self.ffn1 = FeedForward(config.embed_dim, config.ffn_dim, config.activation_dropout, config.dropout,
+                                config.activation)
         self.self_attn_layer_norm = nn.LayerNorm(dim)
         self.self_attn = ConformerAttention(config)
         self.self_attn_dropout = nn.Dropout(config.attention_dropout)
         self.conv_module = ConvolutionModule(config)
         self.ffn2_layer_norm = nn.LayerNorm(dim)
-        self.ffn2 = ConformerFeedForward(config)
+        self.ffn2 = FeedForward(config.embed_dim, config.ffn_dim, config.activation_dropout, config.dropout,
+                                config.activation)
         self.final_layer_norm = nn.LayerNorm(dim)
 
     def forward(self, x: Tensor, allowed: Tensor | None, position: Tensor | tuple[Tensor, Tensor] | None,

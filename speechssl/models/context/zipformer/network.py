@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from speechssl.config import check
-from speechssl.models.context import ContextNetwork, ContextOutput, register_context
+from speechssl.models.context.base import ContextNetwork, ContextOutput, register_context
 from speechssl.models.context.zipformer.layer import Bypass, ZipformerLayer, compact_relative_positions
 from speechssl.models.context.zipformer.scaling import FloatLike, ScheduledFloat, UpdateClock
 

@@ -1,4 +1,4 @@
-"""Corpus readers: what goes into shards, from a folder, a manifest or a LibriSpeech tree.
+"""Corpus readers: the utterances of a folder, a manifest (TSV, CSV, JSON lines) or a LibriSpeech tree.
 
 Every reader returns :class:`Entry` items in a deterministic order. Paths are resolved, but not
 opened: a missing file is reported when the shard builder reaches it.
