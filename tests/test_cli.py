@@ -240,14 +240,34 @@ def _same_weights(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_export_writes_the_model_the_run_writes(corpus: Path, tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def finished_run(corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A pretraining run of 4 updates, checkpointed at 2 and 4."""
+    out = tmp_path_factory.mktemp("finished") / "run"
+    done = _job("pretrain", PRETRAIN, [*_data(corpus, out, max_updates=4), "data.max_tokens=96000"])
+    assert done.returncode == 0, done.stderr[-2000:]
+    return out
+
+
+def test_dry_run_of_a_resume_names_its_changes_and_refuses_what_the_resume_would(corpus: Path,
+                                                                                  finished_run: Path) -> None:
+    saved = (finished_run / "config.yaml").read_text()
+    args = [*_data(corpus, finished_run, max_updates=4), "data.max_tokens=96000"]
+    longer = _speechssl("pretrain", "--config", PRETRAIN, *args, "trainer.max_updates=6", "--dry-run")
+    assert longer.returncode == 0, longer.stderr
+    assert "resumes from" in longer.stdout and "changes taken on resume: trainer.max_updates 4 -> 6" in longer.stdout
+    other = _speechssl("pretrain", "--config", PRETRAIN, *args, "trainer.lr=0.5", "--dry-run")
+    assert other.returncode == 2 and other.stderr.startswith("config error:"), other.stderr
+    assert "resuming would mix the two: trainer.lr" in other.stderr
+    assert (finished_run / "config.yaml").read_text() == saved and not (finished_run / "config_changes.jsonl").exists()
+
+
+def test_export_writes_the_model_the_run_writes(finished_run: Path, tmp_path: Path) -> None:
     """From the run folder (its newest checkpoint): the very model.pt the run exported at its end;
     from an earlier checkpoint folder: the model of that update."""
     from speechssl import load_model
 
-    out = tmp_path / "run"
-    done = _job("pretrain", PRETRAIN, [*_data(corpus, out, max_updates=4), "data.max_tokens=96000"])
-    assert done.returncode == 0, done.stderr[-2000:]
+    out = finished_run
     exported = _speechssl("export", str(out), "--output", str(tmp_path / "exported.pt"))
     assert exported.returncode == 0, exported.stderr
     summary = json.loads(exported.stdout.splitlines()[-1])

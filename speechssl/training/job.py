@@ -120,6 +120,7 @@ def plan(config: Any, model: str) -> str:
     and device; read from the config, the shard indexes and the DeepSpeed JSON only."""
     from speechssl.training import checkpoint
     from speechssl.training.config import precision
+    from speechssl.training.run_folder import resume_changes
 
     data, trainer = config.data, config.trainer
     rate = ShardSet(data.shards).sample_rate
@@ -135,6 +136,10 @@ def plan(config: Any, model: str) -> str:
     point = checkpoint.resume_point(trainer.resume, output / "checkpoints")
     state = (f"resumes from {point}" if point is not None else "new" if not output.exists() else
              "exists, with no checkpoint to resume: starts at update 0")
+    changes = resume_changes(config, output)  # ConfigError for a change the resume would refuse
+    if changes:
+        state += "; changes taken on resume: " + "; ".join(f"{k} {old!r} -> {new!r}"
+                                                            for k, (old, new) in changes.items())
     on_gpu = is_gpu(trainer.device)
     ds = deepspeed_config(trainer, on_gpu)
     stage = ds.get("zero_optimization", {}).get("stage", 0)

@@ -51,35 +51,43 @@ def _changes(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, tuple[
     return {k: (saved.get(k, "<absent>"), current.get(k, "<absent>")) for k in keys if saved.get(k) != current.get(k)}
 
 
+def resume_changes(config: Any, output: Path) -> dict[str, tuple[Any, Any]]:
+    """The keys a resume in ``output`` would change, ``{key: (saved, new)}`` (empty when the job
+    starts afresh or the folder has no ``config.yaml``); ConfigError for a change outside
+    ``SAFE_TO_CHANGE``. Reads only: ``--dry-run`` asks it too."""
+    path = output / CONFIG_FILE
+    if checkpoint.resume_point(config.trainer.resume, output / "checkpoints") is None or not path.is_file():
+        return {}
+    changes = _changes(flatten(yaml.safe_load(path.read_text()) or {}), flatten(to_dict(config)))
+    refused = {k: v for k, v in changes.items() if k not in SAFE_TO_CHANGE}
+    if refused:
+        listed = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in refused.items())
+        raise ConfigError(f"{output} holds a run with another config, and resuming would mix the two: {listed}. "
+                          f"Put those values back (they are in {path}), or use another trainer.output_dir "
+                          f"(or trainer.resume=none to start over there). Keys that may change on resume: "
+                          f"{', '.join(SAFE_TO_CHANGE)}")
+    return changes
+
+
 def check_and_save_config(config: Any, output: Path) -> None:
     """Compare the job config with the run folder's ``config.yaml`` when the job will resume
-    (ConfigError for a change outside ``SAFE_TO_CHANGE``), then save it there (atomically)."""
-    current = to_dict(config)
+    (:func:`resume_changes`), record the changes taken, then save the config there (atomically)."""
     path = output / CONFIG_FILE
     point = checkpoint.resume_point(config.trainer.resume, output / "checkpoints")
-    if point is not None and path.is_file():
-        saved_tree = yaml.safe_load(path.read_text()) or {}
-        changes = _changes(flatten(saved_tree), flatten(current))
-        refused = {k: v for k, v in changes.items() if k not in SAFE_TO_CHANGE}
-        if refused:
-            listed = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in refused.items())
-            raise ConfigError(f"{output} holds a run with another config, and resuming would mix the two: {listed}. "
-                              f"Put those values back (they are in {path}), or use another trainer.output_dir "
-                              f"(or trainer.resume=none to start over there). Keys that may change on resume: "
-                              f"{', '.join(SAFE_TO_CHANGE)}")
-        if changes:
-            update = int(point.name.split("_")[1]) if config.trainer.resume == "auto" else None
-            record = {"update": update, "changed": {k: list(v) for k, v in changes.items()}}
-            with (output / CHANGES_FILE).open("a") as f:
-                f.write(json.dumps(record) + "\n")
-            log.warning("resuming with changed settings: %s",
-                        "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changes.items()))
-    elif point is not None:
+    changes = resume_changes(config, output)
+    if changes:
+        update = int(point.name.split("_")[1]) if config.trainer.resume == "auto" else None
+        record = {"update": update, "changed": {k: list(v) for k, v in changes.items()}}
+        with (output / CHANGES_FILE).open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        log.warning("resuming with changed settings: %s",
+                    "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changes.items()))
+    elif point is not None and not path.is_file():
         log.warning("%s has no %s (a run from an older version): resuming without comparing configs", output,
                     CONFIG_FILE)
     output.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.tmp")
-    partial.write_text(yaml.safe_dump(current, sort_keys=False))
+    partial.write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
     os.replace(partial, path)
 
 
