@@ -43,6 +43,22 @@ def deepspeed_launcher(ranks: int) -> list[str]:
     return [launcher, "--num_gpus", str(ranks), "--master_port", str(port), "--module"]
 
 
+def interrupt_shard_writing(monkeypatch: pytest.MonkeyPatch, at_sample: int = 4) -> None:
+    """make-shards raises KeyboardInterrupt as its ``at_sample``-th sample goes into a shard, as a
+    Ctrl-C there would (``monkeypatch.undo()`` ends it)."""
+    import data_tools.shards as shards
+
+    original, calls = shards._ShardCutter.add, {"n": 0}
+
+    def dying_add(self, sample):
+        calls["n"] += 1
+        if calls["n"] == at_sample:
+            raise KeyboardInterrupt
+        return original(self, sample)
+
+    monkeypatch.setattr(shards._ShardCutter, "add", dying_add)
+
+
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)

@@ -20,7 +20,7 @@ from data_tools.split import split_manifest
 from finetune.transcribe import main as finetune_main
 from speechssl.data.manifest import read_source
 from speechssl.locking import FolderLock
-from tests.conftest import REPO
+from tests.conftest import REPO, interrupt_shard_writing
 
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
 
@@ -106,19 +106,9 @@ def test_make_shards_keeps_a_finished_set_unless_overwrite(tmp_path: Path) -> No
 
 def test_a_killed_build_is_started_again_without_overwrite(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """make-shards does not resume: its own leftovers (marked ``.incomplete``) are cleared."""
-    import data_tools.shards as shards
-
     _wavs(tmp_path / "in", {f"u{i}": 4000 + i for i in range(5)})
     entries = read_source(tmp_path / "in")[0]
-    original, calls = shards._ShardCutter.add, {"n": 0}
-
-    def dying_add(self, sample):
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise KeyboardInterrupt
-        return original(self, sample)
-
-    monkeypatch.setattr(shards._ShardCutter, "add", dying_add)
+    interrupt_shard_writing(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         make_shards(entries, tmp_path / "out", ShardOptions(max_count=1, workers=1), progress=False)
     monkeypatch.undo()

@@ -18,7 +18,7 @@ from data_tools.shards import ShardOptions, make_shards, safe_key
 from data_tools.split import split_manifest
 from speechssl.data.audio import decode_audio
 from speechssl.data.manifest import read_source
-from tests.conftest import REPO
+from tests.conftest import REPO, interrupt_shard_writing
 
 AN4 = REPO.parent / "shared" / "data" / "an4"
 
@@ -207,18 +207,7 @@ def test_a_killed_job_leaves_no_index(tmp_path: Path, monkeypatch: pytest.Monkey
     entries = read_source(_wav_corpus(tmp_path / "wavs"))[0]
     make_shards(entries, tmp_path / "out", ShardOptions(max_count=2), progress=False)
     assert (tmp_path / "out" / "index.json").is_file()
-    import data_tools.shards as shards
-
-    calls = {"n": 0}
-    original = shards._ShardCutter.add
-
-    def dying_add(self, sample):
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise KeyboardInterrupt
-        return original(self, sample)
-
-    monkeypatch.setattr(shards._ShardCutter, "add", dying_add)
+    interrupt_shard_writing(monkeypatch)
     with pytest.raises(KeyboardInterrupt):  # replacing the finished set
         make_shards(entries, tmp_path / "out", ShardOptions(max_count=2, workers=1), progress=False, overwrite=True)
     assert not (tmp_path / "out" / "index.json").exists()
