@@ -46,7 +46,7 @@ def export(source: str | os.PathLike, output: str | os.PathLike, overwrite: bool
     among them) or FileExistsError for what is wrong with the inputs."""
     import yaml
 
-    from speechssl.training.checkpoint import safe_load
+    from speechssl.training import checkpoint
     from speechssl.training.run_folder import CONFIG_FILE
 
     run_dir, folder = find_checkpoint(Path(source))
@@ -60,7 +60,7 @@ def export(source: str | os.PathLike, output: str | os.PathLike, overwrite: bool
     states = folder / MODULE_STATES
     if not states.is_file():
         raise FileNotFoundError(f"{folder} has no {MODULE_STATES} (not a DeepSpeed checkpoint of this project)")
-    weights = safe_load(states, map_location="cpu")["module"]
+    weights = checkpoint.safe_load(states, map_location="cpu")["module"]
     model = SimpleNamespace(state_dict=lambda: weights)  # what a task's export reads of the trained model
     kind = "fine-tuning" if "pretrained" in tree else "pretraining"
     task = _finetune_task(tree, run_dir) if kind == "fine-tuning" else _pretrain_task(tree)
@@ -71,7 +71,7 @@ def export(source: str | os.PathLike, output: str | os.PathLike, overwrite: bool
         os.replace(partial, output)
     finally:
         partial.unlink(missing_ok=True)
-    update = int((folder / "COMPLETE").read_text().split()[0])
+    update = int((folder / checkpoint.COMPLETE).read_text().split()[0])
     return {"output": str(output), "checkpoint": str(folder), "update": update, "run": kind}
 
 

@@ -104,8 +104,8 @@ def config_yaml(config: Any) -> str:
     return yaml.safe_dump(to_dict(config), sort_keys=False)
 
 
-def _shards_line(sources: list[str], weights: list[float] | None) -> str:
-    shardset = ShardSet(sources, weights)
+def _shards_line(sources: list[str], weights: list[float] | None, shardset: ShardSet) -> str:
+    """``sources`` (read as ``shardset``): shards, utterances and hours."""
     shards = [s for source in shardset.shards for s in source]
     utterances = sum(len(s.keys) for s in shards)
     hours = sum(sum(s.lengths) for s in shards) / shardset.sample_rate / 3600
@@ -123,7 +123,8 @@ def plan(config: Any, model: str) -> str:
     from speechssl.training.run_folder import resume_changes
 
     data, trainer = config.data, config.trainer
-    rate = ShardSet(data.shards).sample_rate
+    train = ShardSet(data.shards, data.weights)
+    rate = train.sample_rate
     world = int(os.environ.get("WORLD_SIZE", "1"))
     micro = data.max_tokens / rate
     per_update = micro * trainer.update_freq * world
@@ -145,8 +146,9 @@ def plan(config: Any, model: str) -> str:
     stage = ds.get("zero_optimization", {}).get("stage", 0)
     rows = [
         ("model", model),
-        ("train data", _shards_line(data.shards, data.weights)),
-        ("valid data", _shards_line(config.valid_shards, None) if config.valid_shards else "none"),
+        ("train data", _shards_line(data.shards, data.weights, train)),
+        ("valid data", _shards_line(config.valid_shards, None, ShardSet(config.valid_shards))
+         if config.valid_shards else "none"),
         ("updates", updates),
         ("batch", f"{micro:g} s of padded audio per micro-batch (data.max_tokens {data.max_tokens} / {rate} Hz) "
                   f"x {trainer.update_freq} (trainer.update_freq) x {world} rank(s) = {per_update:g} s per update"),

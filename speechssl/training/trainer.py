@@ -457,8 +457,7 @@ class Trainer:
                 if last_valid is not None:
                     self._log("valid", last_valid)
                     if self.rank == 0:
-                        bar.write(f"update {self.update} validation: " + ", ".join(
-                            f"{k} {last_valid[k]:.4g}" for k in self.task.progress_keys if k in last_valid))
+                        bar.write(f"update {self.update} validation: {self._shown(last_valid)}")
                     self._keep_best(last_valid)
                     self._keep_for_average(last_valid)
             if (cfg.checkpoint_every and self.update % cfg.checkpoint_every == 0) or done:
@@ -500,6 +499,10 @@ class Trainer:
         except (OSError, ValueError, RuntimeError) as e:
             log.warning("report.png not written: %s", e)
 
+    def _shown(self, metrics: dict[str, float]) -> str:
+        """The task's progress keys of ``metrics``, as the console shows them: ``loss 61.3, cer 0.52``."""
+        return ", ".join(f"{k} {metrics[k]:.4g}" for k in self.task.progress_keys if k in metrics)
+
     def _print_outputs(self, last_valid: dict[str, float] | None) -> None:
         """The closing summary: where the run stopped, its last validation, and every output it wrote."""
         described = [("model.pt", "the model at the last update"),
@@ -511,8 +514,7 @@ class Trainer:
         lines = [f"stopped at update {self.update} of {self.cfg.max_updates}; outputs in {self.output}:"]
         lines += [f"  {name:<14} {what}" for name, what in described if (self.output / name).exists()]
         if last_valid:
-            lines.insert(1, "  last validation: " + ", ".join(
-                f"{k} {last_valid[k]:.4g}" for k in self.task.progress_keys if k in last_valid))
+            lines.insert(1, f"  last validation: {self._shown(last_valid)}")
         print("\n".join(lines), flush=True)
 
     def _epoch_counts(self) -> tuple[dict[str, int], Counter[str]]:
