@@ -12,6 +12,11 @@
    runs of one label fraction have the same number of updates. ``--variant`` adds runs with
    changed settings to measure one change at a time (by default: the pretrained run at 100% without
    speed perturbation).
+   ``--self-train NAME DECODER KEEP`` adds self-training at 10%: each pretrained 10% run's
+   averaged model (the teacher) labels the other 90% of the training audio (``speechssl
+   pseudo-label``, greedy or with an LM of the 10% subset's transcripts only, ``lm10``, its
+   weights tuned on dev; the ``KEEP`` fraction most confident kept), and a student is fine-tuned
+   from the pretrained model on the 10% and those pseudo-labels, with the updates of the 100% runs.
 4. The emissions of each run's best model by validation WER (``best.pt``) and of the average of its
    5 best (``averaged.pt``) on the dev halves (``python -m finetune emissions``).
 5. Scoring from the emissions alone (no model, no GPU): an n-gram LM (``python -m finetune
@@ -93,6 +98,15 @@ def split_data(an4: Path, data: Path) -> dict:
     return info
 
 
+def train90(data: Path, info: dict) -> None:
+    """``split/train90.tsv``: the training utterances outside the 10% subset, the audio that
+    self-training labels (its count in ``info``)."""
+    with (data / "split" / "train10.tsv").open() as f:
+        labelled = {r["path"] for r in csv.DictReader(f, delimiter="\t")}
+    info["train90"] = subset(data / "split" / "train.tsv", data / "split" / "train90.tsv",
+                             lambda i, r: r["path"] not in labelled)
+
+
 def make_shards(data: Path) -> None:
     """Shards of every manifest of :func:`split_data`, built side by side."""
     names = [n for n in ("train", "train10", "dev", "dev_a", "dev_b") if not (data / n / "index.json").is_file()]
@@ -127,9 +141,22 @@ class Job:
     updates: int
     after: list[str] = field(default_factory=list)
     facts: dict = field(default_factory=dict)
+    output: Path | None = None  # a job that is not a training run: done when this file exists
 
     def done(self, out: Path) -> bool:
+        if self.output is not None:
+            return self.output.is_file()
         return last_update(out / self.name) >= self.updates and (out / self.name / "model.pt").is_file()
+
+    @property
+    def trains(self) -> bool:
+        """A fine-tuning run (scored from its emissions)."""
+        return "labels" in self.facts
+
+
+def trained(jobs: list[Job]) -> list[Job]:
+    """The fine-tuning runs among the jobs (not the pretraining, nor pseudo-labelling)."""
+    return [j for j in jobs if j.trains]
 
 
 def has_emissions(run_dir: Path) -> bool:
@@ -146,17 +173,19 @@ def run_jobs(jobs: list[Job], out: Path, data: Path, deadline: float, parallel: 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     while True:
         pending = [j for j in jobs if not j.done(out) and j.name not in running]
-        ready = [j for j in pending if all(next(x for x in jobs if x.name == a).done(out) for a in j.after)]
+        # a prerequisite is ready once its process has exited, not when its model file appears
+        ready = [j for j in pending
+                 if all(a not in running and next(x for x in jobs if x.name == a).done(out) for a in j.after)]
         for job in ready[: max(0, parallel - len(running))]:
             left = minutes_left(deadline) - MARGIN_MINUTES
             if left < 0.5:
                 break
-            limit = [f"trainer.max_minutes={left:.2f}"] if deadline else []
+            limit = [f"trainer.max_minutes={left:.2f}"] if deadline and job.output is None else []
             log = (out / f"{job.name}.log").open("a")
             running[job.name] = (subprocess.Popen([*job.command, *limit], stdout=log, stderr=subprocess.STDOUT,
                                                   cwd=REPO, env=env), time.monotonic())
             print(f"[{(time.monotonic() - STARTED) / 60:5.1f} min] started {job.name}", flush=True)
-        for job in jobs[1:]:
+        for job in trained(jobs):
             if job.name not in scoring and job.done(out) and not has_emissions(out / job.name) \
                     and minutes_left(deadline) > 1.0:
                 scoring[job.name] = subprocess.Popen([PY, __file__, "--emissions", str(out / job.name), str(data),
@@ -167,7 +196,7 @@ def run_jobs(jobs: list[Job], out: Path, data: Path, deadline: float, parallel: 
             if proc.poll() is not None and proc.returncode != 0:
                 sys.exit(f"emissions of {name} failed; see {out / name / 'emissions.log'}")
         if not running and all(proc.poll() is not None for proc in scoring.values()):
-            return all(j.done(out) for j in jobs) and all(has_emissions(out / j.name) for j in jobs[1:])
+            return all(j.done(out) for j in jobs) and all(has_emissions(out / j.name) for j in jobs if j.trains)
         time.sleep(2)
         for name, (proc, began) in list(running.items()):
             if proc.poll() is None:
@@ -200,6 +229,63 @@ class Variant:
             raise argparse.ArgumentTypeError(f"--variant {text!r}: want 'NAME pretrained|random 10%|100% SEEDS "
                                              "[dotted.key=value ...]'")
         return cls(parts[0], parts[1], parts[2], int(parts[3]), parts[4:])
+
+
+@dataclass
+class SelfTrain:
+    """Self-training at 10%: ``NAME greedy|lm10 KEEP``, e.g. ``pl greedy 1.0`` (see the module's
+    step 3)."""
+
+    name: str
+    decoder: str
+    keep: float
+
+    @classmethod
+    def parse(cls, text: str) -> SelfTrain:
+        parts = text.split()
+        try:
+            parsed = cls(parts[0], parts[1], float(parts[2]))
+            if len(parts) != 3 or parsed.decoder not in ("greedy", "lm10") or not 0 < parsed.keep <= 1:
+                raise ValueError
+        except (IndexError, ValueError):
+            raise argparse.ArgumentTypeError(f"--self-train {text!r}: want 'NAME greedy|lm10 KEEP' with KEEP in "
+                                             "(0, 1]") from None
+        return parsed
+
+
+def pseudo_label(teacher: Path, data: Path, output: Path, decoder: str, keep: float, device: str) -> None:
+    """The teacher's averaged model labels ``train90`` (greedy, or with the LM of the 10% subset's
+    transcripts tuned on dev); the manifest, its quality against the true transcripts
+    (``quality.json``) and its shards in ``output``, ``index.json`` last."""
+    from finetune.decoding import error_counts
+    from finetune.tokenizer import tokenizer_from_dict
+    from speechssl.data.manifest import read_source
+    from speechssl.models.ctc import load_ctc_model
+
+    output.mkdir(parents=True, exist_ok=True)
+    model = teacher / "averaged.pt"
+    options = ["--device", device, "--keep-fraction", str(keep)]
+    if decoder == "lm10":
+        lm = output / "lm10"
+        cli(["build-lm", str(data / "split" / "train10.tsv"), "--output", str(lm), "--order", "4"], output / "lm.log")
+        cli(["tune-lm", str(model), str(data / "dev"), "--lm", str(lm), "--device", device, "--blank-penalties",
+             "0,1,2"], output / "lm.log")
+        options += ["--decoder", "beam", "--lm", str(lm)]
+    manifest = output / "pseudo.tsv"
+    run([PY, "-m", "speechssl_cli", "pseudo-label", str(model), str(data / "split" / "train90.tsv"), "--output",
+         str(manifest), *options], output / "pseudo_label.log")
+    tokenizer = tokenizer_from_dict(load_ctc_model(model).tokenizer)
+    truth = {e.id: e.text for e in read_source(data / "split" / "train90.tsv")[0]}
+    with manifest.open() as f:
+        kept = {r["id"]: r["text"] for r in csv.DictReader(f, delimiter="\t")}
+    refs = [tokenizer.decode(tokenizer.encode(truth[i])) for i in kept]
+    counts = error_counts(refs, list(kept.values()))
+    quality = {"kept": len(kept), "of": len(truth), "cer": counts["char_errors"] / max(counts["chars"], 1),
+               "wer": counts["word_errors"] / max(counts["words"], 1), **counts}
+    (output / "quality.json").write_text(json.dumps(quality, indent=1) + "\n")
+    run([PY, "-m", "data_tools", "make-shards", "--input", str(manifest), "--output", str(output / "shards"),
+         "--max-count", "50", "--quiet", "--overwrite"], output / "shards.log")
+    (output / "done.json").write_text(json.dumps(quality) + "\n")
 
 
 def _temp_decay(model: str, updates: int) -> float:
@@ -246,6 +332,23 @@ def plan_jobs(args: argparse.Namespace, out: Path, data: Path) -> list[Job]:
                             updates[variant.labels], after,
                             {"init": variant.init, "labels": variant.labels, "seed": seed, "variant": variant.name,
                              "overrides": variant.overrides}))
+    for st in args.self_train if "pretrained" in args.inits else []:
+        for seed in range(1, args.seeds + 1):
+            teacher, labels = f"pretrained_train10_seed{seed}", out / f"pseudo_{st.name}_seed{seed}"
+            jobs.append(Job(labels.name, [PY, __file__, "--pseudo-label", str(out / teacher), str(data), str(labels),
+                                          st.decoder, str(st.keep), "cpu" if quick else "auto"], 0, [teacher],
+                            output=labels / "done.json"))
+            name = f"student_{st.name}_seed{seed}"
+            overrides = [f"data.shards=[{data / 'train10'},{labels / 'shards'}]", f"valid_shards=[{data / 'dev'}]",
+                         f"trainer.output_dir={out / name}", f"trainer.seed={seed}", f"data.seed={seed}",
+                         f"trainer.max_updates={updates['100%']}", f"trainer.validate_every={every}",
+                         f"trainer.checkpoint_every={every * 2}", "trainer.threads=1", "data.num_workers=2", *device]
+            if quick:
+                overrides += ["freeze_updates.frontend=2", "freeze_updates.context=2"]
+            jobs.append(Job(name, [PY, "-m", "finetune", "--config", recipes["pretrained"][0],
+                                   recipes["pretrained"][1], *overrides], updates["100%"], ["pretrain", labels.name],
+                            {"init": "pretrained", "labels": "10%", "seed": seed, "variant": f"self-train {st.name}",
+                             "overrides": [f"teacher: {teacher}, pseudo-labels {st.decoder}, keep {st.keep:g}"]}))
     return jobs
 
 
@@ -375,7 +478,7 @@ def report(jobs: list[Job], out: Path, info: dict, scores: dict[str, dict]) -> s
              "(cross-tuned) | + LM, no blank penalty (cross-tuned) | dev WER averaged | + LM (cross-tuned) | "
              "last 3 validations (CER) | flat | minutes |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for job in jobs[1:]:
+    for job in trained(jobs):
         s = scores[job.name]
         metrics = [json.loads(line) for line in (out / job.name / "metrics.jsonl").read_text().splitlines()]
         curve = [r["cer"] for r in metrics if r["split"] == "valid"]
@@ -389,7 +492,7 @@ def report(jobs: list[Job], out: Path, info: dict, scores: dict[str, dict]) -> s
     lines += ["", "| initialisation | labels | variant | runs | dev CER best.pt, mean (min-max) | averaged | "
                   "averaged + LM (cross-tuned) |", "|---|---|---|---|---|---|---|"]
     groups: dict[tuple[str, str, str], list[dict]] = {}
-    for job in jobs[1:]:
+    for job in trained(jobs):
         groups.setdefault((job.facts["init"], job.facts["labels"], job.facts["variant"]), []).append(scores[job.name])
     for (init, labels, variant), group in groups.items():
         cells = []
@@ -397,9 +500,15 @@ def report(jobs: list[Job], out: Path, info: dict, scores: dict[str, dict]) -> s
             values = [pick(s) for s in group]
             cells.append(f"{statistics.mean(values):.1%} ({min(values):.1%}-{max(values):.1%})")
         lines.append(f"| {init} | {labels} | {variant or 'recipe'} | {len(group)} | {' | '.join(cells)} |")
-    variants = {job.facts["variant"]: job.facts["overrides"] for job in jobs[1:] if job.facts["variant"]}
+    variants = {job.facts["variant"]: job.facts["overrides"] for job in trained(jobs) if job.facts["variant"]}
     if variants:
         lines += ["", "Variants: " + "; ".join(f"{name}: `{' '.join(o)}`" for name, o in variants.items()) + "."]
+    labelled = [job for job in jobs if job.output is not None]
+    if labelled:
+        lines += ["", "| pseudo-labels | kept | CER against the true transcripts | WER |", "|---|---|---|---|"]
+        for job in labelled:
+            q = json.loads((job.output.parent / "quality.json").read_text())
+            lines.append(f"| {job.name} | {q['kept']} of {q['of']} | {q['cer']:.1%} | {q['wer']:.1%} |")
     return "\n".join(lines) + "\n"
 
 
@@ -418,6 +527,9 @@ def main() -> int:
     parser.add_argument("--variant", type=Variant.parse, action="append", default=None,
                         help="'NAME pretrained|random 10%%|100%% SEEDS [dotted.key=value ...]': runs with changed "
                              "settings (repeatable; default: 'nospeed pretrained 100%% 1 data.augment.speed=[]')")
+    parser.add_argument("--self-train", type=SelfTrain.parse, action="append", default=[],
+                        help="'NAME greedy|lm10 KEEP': self-training at 10%% from each pretrained 10%% run "
+                             "(repeatable; e.g. 'pl greedy 1.0')")
     parser.add_argument("--pretrain-override", action="append", default=[],
                         help="dotted.key=value for the pretraining job (repeatable)")
     parser.add_argument("--inits", type=lambda t: t.split(","), default=["pretrained", "random"],
@@ -442,6 +554,9 @@ def main() -> int:
     ignored = ("deadline_minutes", "parallel", "stage", "an4", "output")
     settings = {k: v for k, v in vars(args).items() if k not in ignored}
     settings["variant"] = [vars(v) for v in args.variant]
+    settings["self_train"] = [vars(v) for v in args.self_train]
+    if not args.self_train:  # a run folder of the settings before self-training existed
+        del settings["self_train"]
     saved = out / "settings.json"
     if saved.is_file() and json.loads(saved.read_text()) != settings:
         sys.exit(f"{out} holds a run with other settings ({saved}); choose another --output")
@@ -449,6 +564,7 @@ def main() -> int:
     data = out / "data"
     data.mkdir(exist_ok=True)
     info = split_data(an4, data)
+    train90(data, info)
     jobs = plan_jobs(args, out, data)
     if args.stage in ("all", "train"):
         make_shards(data)
@@ -457,7 +573,7 @@ def main() -> int:
             return 3
         if args.stage == "train":
             return 0
-    missing = [j.name for j in jobs[1:] if not has_emissions(out / j.name)]
+    missing = [j.name for j in trained(jobs) if not has_emissions(out / j.name)]
     if missing:
         sys.exit(f"no emissions for {', '.join(missing)}: run --stage train first")
     lm = out / "lm"
@@ -465,11 +581,11 @@ def main() -> int:
         cli(["build-lm", str(data / "split" / "train.tsv"), "--output", str(lm), "--order", "4"], out / "lm.log")
     pending = {j.name: subprocess.Popen([PY, __file__, "--score", str(out / j.name), str(lm), str(args.quick)],
                                         cwd=REPO)
-               for j in jobs[1:] if not (out / j.name / "scores.json").is_file()}
+               for j in trained(jobs) if not (out / j.name / "scores.json").is_file()}
     for name, proc in pending.items():
         if proc.wait() != 0:
             sys.exit(f"scoring {name} failed; see {out / name / 'scoring.log'}")
-    scores = {j.name: json.loads((out / j.name / "scores.json").read_text()) for j in jobs[1:]}
+    scores = {j.name: json.loads((out / j.name / "scores.json").read_text()) for j in trained(jobs)}
     curves(jobs, out)
     table = report(jobs, out, info, scores)
     (out / "results.md").write_text(table)
@@ -482,6 +598,10 @@ def main() -> int:
 if __name__ == "__main__":
     if len(sys.argv) == 5 and sys.argv[1] == "--score":  # one run's scoring, in its own process
         score_run(Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4] == "True")
+        sys.exit(0)
+    if len(sys.argv) == 8 and sys.argv[1] == "--pseudo-label":  # one teacher's pseudo-labels, in its own process
+        pseudo_label(Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4]), sys.argv[5], float(sys.argv[6]),
+                     sys.argv[7])
         sys.exit(0)
     if len(sys.argv) == 5 and sys.argv[1] == "--emissions":  # one run's emissions, in its own process
         save_emissions(Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4])

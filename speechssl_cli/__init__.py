@@ -54,6 +54,8 @@ COMMANDS: dict[str, Command] = {
                         decoding.EVALUATE, decoding.add_evaluate, "finetune.transcribe:run"),
     "emissions": Command("save a CTC model's log-probabilities over data, to decode later without it",
                          decoding.EMISSIONS, decoding.add_emissions, "finetune.transcribe:run"),
+    "pseudo-label": Command("transcribe unlabelled audio into a manifest to self-train on (confidence-filtered)",
+                            decoding.PSEUDO_LABEL, decoding.add_pseudo_label, "finetune.pseudo_label:run"),
     "build-lm": Command("build a word n-gram LM and lexicon from transcripts", decoding.BUILD_LM,
                         decoding.add_build_lm, "finetune.lm:run"),
     "tune-lm": Command("tune the LM weight, word score and blank penalty on dev", decoding.TUNE_LM,

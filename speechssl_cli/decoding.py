@@ -1,5 +1,5 @@
-"""The parsers of what uses a fine-tuned CTC model: transcribe, evaluate, emissions, build-lm,
-tune-lm; and average (model files of one architecture)."""
+"""The parsers of what uses a fine-tuned CTC model: transcribe, evaluate, emissions, pseudo-label,
+build-lm, tune-lm; and average (model files of one architecture)."""
 
 from __future__ import annotations
 
@@ -40,6 +40,21 @@ tune-lm --emissions decode without the model, on any machine.
     %(prog)s MODEL DATA... --output dev.pt
 
 {INPUTS}
+"""
+
+PSEUDO_LABEL = f"""\
+Pseudo-labelling (self-training): transcribe unlabelled audio with a fine-tuned CTC model and write a
+manifest of the transcripts (with a confidence column) to shard and fine-tune a student on, beside
+the labelled data. The least confident are dropped by --min-confidence and --keep-fraction and listed
+with their reason in OUTPUT.rejected.tsv.
+
+    %(prog)s TEACHER.pt UNLABELLED... --output pseudo.tsv [--keep-fraction 0.9] [--decoder beam --lm LM]
+    speechssl data make-shards --input pseudo.tsv --output data/pseudo
+    speechssl finetune --config ... pretrained=RUN data.shards=[data/labelled,data/pseudo]
+
+{INPUTS}
+Shard inputs work when their audio files are still where make-shards read them (the manifest names
+the audio's path). Confidence: the mean posterior of the greedy path's emitted tokens.
 """
 
 BUILD_LM = """\
@@ -128,6 +143,18 @@ def add_emissions(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("data", nargs="+", help="audio files, directories, manifests or shard directories")
     parser.add_argument("--output", required=True, help="the emissions file to write")
     add_model_run(parser)
+
+
+def add_pseudo_label(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="the teacher: a fine-tuned CTC model file")
+    parser.add_argument("inputs", nargs="+", help="unlabelled audio files, directories, manifests or shard directories")
+    parser.add_argument("--output", required=True, help="the manifest to write (.tsv)")
+    parser.add_argument("--min-confidence", type=float, default=0.0,
+                        help="drop utterances whose confidence (0-1) is lower")
+    parser.add_argument("--keep-fraction", type=float, default=1.0,
+                        help="keep this fraction of the most confident (after --min-confidence)")
+    add_model_run(parser)
+    add_decoder(parser)
 
 
 def add_build_lm(parser: argparse.ArgumentParser) -> None:

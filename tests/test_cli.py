@@ -55,7 +55,7 @@ def test_the_console_script_lists_every_subcommand() -> None:
     done = subprocess.run([script, "--help"], capture_output=True, text=True, cwd=REPO, check=False, timeout=60)
     assert done.returncode == 0, done.stderr
     expected = ["data", "pretrain", "finetune", "transcribe", "evaluate", "emissions", "build-lm", "tune-lm",
-                "average", "extract", "report", "overfit", "demo", "export"]
+                "average", "extract", "report", "overfit", "demo", "export", "pseudo-label"]
     assert set(speechssl_cli.COMMANDS) == set(expected)
     for name in expected:
         line = next((line for line in done.stdout.splitlines() if line.split()[:1] == [name]), None)
