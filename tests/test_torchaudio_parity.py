@@ -1,14 +1,21 @@
-"""Numerical parity with torchaudio's wav2vec 2.0 (random weights copied across)."""
+"""Numerical parity with torchaudio's wav2vec 2.0 (random weights copied across), and the CTC head
+exported as torchaudio's ``aux`` with its labels."""
 
 from __future__ import annotations
 
 import inspect
+import warnings
 
 import pytest
 import torch
 import torchaudio
 
+from finetune.tokenizer import BpeTokenizer, CharTokenizer, tokenizer_from_dict
+from finetune.transcribe import greedy_decoder
+from speechssl import Wav2Vec2Model, load_model_config
 from speechssl.interop.torchaudio import from_torchaudio, to_torchaudio, wav2vec2_model
+from speechssl.models.ctc import CTCModel
+from tests.conftest import REPO
 
 SMALL_CONV = [(32, 10, 5), (32, 3, 2), (32, 3, 2), (32, 3, 2), (32, 3, 2), (32, 2, 2), (32, 2, 2)]
 
@@ -134,3 +141,88 @@ def test_layer_features_of_an_imported_model_match_torchaudio(layout: str) -> No
         expected, expected_lengths = ta.extract_features(waves, lengths)
     assert torch.equal(out.lengths, expected_lengths) and len(out.hidden_states) == len(expected) + 1
     assert _max_diff_valid(expected, out.hidden_states[1:], expected_lengths) <= 1e-4
+
+
+def _ctc_model(context: str = "transformer") -> CTCModel:
+    config = load_model_config(REPO / f"configs/model/tiny_{context}.yaml")
+    tokenizer = CharTokenizer.build(["THE QUICK BROWN FOX", "HELLO WORLD"])
+    model = CTCModel(config, len(tokenizer), vocab=tokenizer.vocab, tokenizer=tokenizer.to_dict(),
+                     final_dropout=0.1).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model
+
+
+def test_a_ctc_model_exports_its_head_as_aux_with_its_labels() -> None:
+    model = _ctc_model()
+    ta = to_torchaudio(model).eval()
+    assert ta.aux.out_features == model.vocab_size and torch.equal(ta.aux.weight, model.lm_head.weight)
+    assert ta.labels == tuple(model.vocab) and ta.labels[model.blank] == "<blank>"
+    waves, lengths = _batch()
+    with torch.no_grad():
+        emissions, frames = ta(waves, lengths)
+        logits, our_frames = model(waves, lengths)
+    assert torch.equal(frames, our_frames)
+    valid = torch.arange(logits.shape[1]) < frames[:, None]
+    assert emissions.shape == logits.shape and (emissions - logits)[valid].abs().max().item() <= 1e-5
+    assert logits[valid].std() > 0.1  # the head is there, not a zero output
+
+    back = from_torchaudio(ta, ta.labels)
+    assert isinstance(back, CTCModel) and back.blank == 0
+    assert back.vocab == model.vocab and back.tokenizer == model.tokenizer
+    fresh = "frontend.masker.mask_emb"  # torchaudio has no mask embedding
+    assert all(torch.equal(v, back.state_dict()[k]) for k, v in model.state_dict().items() if k != fresh)
+    assert isinstance(from_torchaudio(ta), Wav2Vec2Model)  # without labels the head stays aux
+    with warnings.catch_warnings():  # torch.jit.script is deprecated, but torchaudio's users still script
+        warnings.simplefilter("ignore", DeprecationWarning)
+        scripted = torch.jit.script(to_torchaudio(model).eval())  # the attribute does not stop scripting
+    assert scripted.labels == ta.labels
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(waves, lengths)[0], emissions, rtol=0, atol=1e-5)
+
+
+def test_a_bpe_ctc_model_goes_to_torchaudio_and_back_with_its_tokenizer() -> None:
+    words = ["one", "two", "three", "seven", "eleven", "twenty", "enter", "yes", "no", "rubout"]
+    bpe = BpeTokenizer.train([" ".join(words[i:] + words[:i]) for i in range(10)], vocab_size=40)
+    config = load_model_config(REPO / "configs/model/tiny_transformer.yaml")
+    model = CTCModel(config, len(bpe), vocab=bpe.vocab, tokenizer=bpe.to_dict()).eval()
+    ta = to_torchaudio(model)
+    assert ta.labels == tuple(bpe.vocab) and ta.aux.out_features == len(bpe)
+    back = from_torchaudio(ta, ta.labels, tokenizer=model.tokenizer)
+    assert back.tokenizer == model.tokenizer and back.vocab == model.vocab and back.blank == 0
+    assert torch.equal(back.lm_head.weight, model.lm_head.weight)
+
+
+def test_torchaudio_bundle_style_labels_import_as_our_character_vocabulary() -> None:
+    """Labels as torchaudio's ASR bundles have them (blank ``-`` first, ``|`` between words, no
+    ``<unk>``): our greedy transcripts are those of torchaudio's tutorial greedy decoder."""
+    labels = ("-", "|", *"ETAONIHSRDLUMWCFGYPBVK'XJQZ")
+    ta = _torchaudio_model("base-small", aux=len(labels))
+    with torch.no_grad():
+        ta.aux.bias.zero_()
+        ta.aux.bias[0] += 1.0
+        ta.aux.bias[1] += 0.5
+    ours = from_torchaudio(ta, labels).eval()
+    assert ours.vocab[:3] == ["<blank>", "<unk>", "|"] and ours.vocab[3:] == list(labels[2:])
+    assert ours.vocab_size == len(labels) + 1 and ours.lm_head.bias[1] == -1e4  # the added, never predicted <unk>
+    waves, lengths = _batch()
+    with torch.no_grad():
+        emissions, frames = ta(waves, lengths)
+        logits, _ = ours(waves, lengths)
+    tutorial = []
+    for row, n in zip(emissions.argmax(-1), frames.tolist(), strict=True):
+        ids = [int(i) for i in torch.unique_consecutive(row[:n]) if i != 0]
+        tutorial.append(" ".join("".join(labels[i] for i in ids).replace("|", " ").strip().split()))
+    decode = greedy_decoder(tokenizer_from_dict(ours.tokenizer), ours.blank)
+    texts = decode(logits.log_softmax(-1), frames)
+    assert texts == tutorial and all(len(t.split()) >= 2 for t in texts), texts
+
+
+def test_what_torchaudio_cannot_hold_is_refused() -> None:
+    with pytest.raises(ValueError, match="no 'conformer' context network"):
+        to_torchaudio(_ctc_model("conformer"))
+    with pytest.raises(ValueError, match="no aux head"):
+        from_torchaudio(_torchaudio_model("base-small"), ["<blank>", "<unk>", "|"])
+    with pytest.raises(ValueError, match="3 labels for an aux head of 5"):
+        from_torchaudio(_torchaudio_model("base-small", aux=5), ["<blank>", "<unk>", "|"])

@@ -9,12 +9,16 @@ initialised pretraining parts. Hugging Face has no feature penalty, so imports s
 
 from __future__ import annotations
 
+import json
+import os
 import re
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from speechssl.data.inputs import SAMPLE_RATE
 from speechssl.interop.keys import rename
 from speechssl.models.config import FeatureExtractorConfig, LossConfig, ModelConfig, QuantizerConfig
 from speechssl.models.context.conformer import ConformerConfig
@@ -212,19 +216,239 @@ def _export_state(state: dict[str, Tensor], prefix: str, conformer: bool) -> dic
     return hf_state
 
 
+# ---------------------------------------------------------------------------------------- vocabularies
+
+# speechssl's character tokenizer (finetune/tokenizer.py, CharTokenizer) starts its vocabulary with
+# these three; Hugging Face names the blank <pad> (its pipeline drops the pad token as the CTC blank).
+BLANK, UNK, WORD = "<blank>", "<unk>", "|"
+HF_PAD = "<pad>"
+NEVER = -1e4  # the bias of an added class the model never predicts
+
+
+def _case_of(tokens: list[str]) -> str:
+    """The case folding a character vocabulary implies: upper or lower when every cased
+    single-character token is, else keep."""
+    cased = [t for t in tokens if len(t) == 1 and t.lower() != t.upper()]
+    if cased and all(t == t.upper() for t in cased):
+        return "upper"
+    if cased and all(t == t.lower() for t in cased):
+        return "lower"
+    return "keep"
+
+
+def with_char_vocabulary(model: CTCModel, tokens: list[str], blank: int, unk: int | None = None,
+                         delimiter: int | None = None, lower: bool = False) -> CTCModel:
+    """Give ``model``, whose classes are ``tokens`` (a character vocabulary: each token's text is
+    written as is, the ``delimiter`` token between words), speechssl's character tokenizer, in place:
+    the classes ``blank``, ``unk`` and ``delimiter`` become ``<blank>``, ``<unk>`` and ``|`` at 0, 1
+    and 2, the others follow in their order, and the rows of ``lm_head`` are reordered to match (the
+    same order keeps them bit-exact). A missing ``unk`` or ``delimiter`` (None) is added as a class
+    the model never predicts (zero weights, bias -1e4), so the other classes' log-probabilities are
+    unchanged. ``lower``: the tokens are lowercased (Hugging Face's ``do_lower_case``, which
+    lowercases its transcripts); the tokenizer's case is then ``lower``, else the case the tokens
+    show (:func:`_case_of`). Returns ``model``, its ``.tokenizer`` (a ``CharTokenizer.to_dict()``),
+    ``.vocab``, ``.vocab_size`` and ``.blank`` (0) set."""
+    n = len(tokens)
+    if n != model.vocab_size:
+        raise ValueError(f"{n} tokens for a CTC head of {model.vocab_size} classes")
+    given = [i for i in (blank, unk, delimiter) if i is not None]
+    if len(set(given)) != len(given) or not all(0 <= i < n for i in given):
+        raise ValueError(f"the blank ({blank}), unk ({unk}) and word delimiter ({delimiter}) must be "
+                         f"different classes among the {n}")
+    rows: list[int | None] = [blank, unk, delimiter, *(i for i in range(n) if i not in given)]
+    rest = [tokens[i].lower() if lower else tokens[i] for i in rows[3:]]
+    if any(WORD in t or not t for t in rest):
+        raise ValueError(f"a character vocabulary has {WORD!r} only as its word delimiter and no empty token; "
+                         f"got {[t for t in rest if WORD in t or not t]}")
+    head = model.lm_head
+    weight = head.weight.new_zeros(len(rows), head.in_features)
+    bias = head.weight.new_full((len(rows),), NEVER)
+    with torch.no_grad():
+        for new, old in enumerate(rows):
+            if old is not None:
+                weight[new], bias[new] = head.weight[old], head.bias[old]
+    model.lm_head = nn.Linear(head.in_features, len(rows), device=weight.device, dtype=weight.dtype)
+    model.lm_head.weight, model.lm_head.bias = nn.Parameter(weight), nn.Parameter(bias)
+    model.vocab = [BLANK, UNK, WORD, *rest]
+    model.vocab_size, model.blank = len(rows), 0
+    model.tokenizer = {"type": "char", "vocab": list(model.vocab), "case": "lower" if lower else _case_of(rest)}
+    return model
+
+
+def _local(where: str) -> Path | None:
+    path = Path(where)
+    return path if path.is_dir() else None
+
+
+def _saved_normalization(where: str | None) -> bool | None:
+    """``do_normalize`` of the feature extractor saved at ``where`` (a folder or a name), or None
+    when there is none."""
+    import transformers
+
+    folder = _local(where) if where is not None else None
+    if where is None or (folder is not None and not (folder / "preprocessor_config.json").is_file()):
+        return None
+    try:
+        return transformers.Wav2Vec2FeatureExtractor.from_pretrained(where).do_normalize
+    except OSError:
+        if folder is not None:
+            raise
+        return None
+
+
+def _saved_tokenizer(where: str) -> Any:
+    """The tokenizer saved with a model at ``where`` (a folder or a name), or None when there is none."""
+    import transformers
+
+    folder = _local(where)
+    if folder is not None:
+        return transformers.AutoTokenizer.from_pretrained(where) if (folder / "vocab.json").is_file() else None
+    try:
+        return transformers.AutoTokenizer.from_pretrained(where)
+    except OSError:
+        return None
+
+
+def _tokenizer_and_normalization(tokenizer: Any, source: str | None) -> tuple[Any, bool | None]:
+    """The Hugging Face tokenizer to import (or None) and the feature extractor's ``do_normalize``
+    (or None when unknown), from the arguments of :func:`from_huggingface` (``source``: the model's
+    name or folder, when given as one)."""
+    import transformers
+
+    if isinstance(tokenizer, transformers.Wav2Vec2Processor):
+        return tokenizer.tokenizer, tokenizer.feature_extractor.do_normalize
+    do_normalize = _saved_normalization(source)
+    if isinstance(tokenizer, str):
+        if do_normalize is None:
+            do_normalize = _saved_normalization(tokenizer)
+        return transformers.AutoTokenizer.from_pretrained(tokenizer), do_normalize
+    if tokenizer is None:
+        return (_saved_tokenizer(source) if source is not None else None), do_normalize
+    return (tokenizer or None), do_normalize
+
+
+def _huggingface_tokens(tokenizer: Any, hf_config: Any) -> tuple[list[str], int, int | None, int | None, bool]:
+    """``(tokens, blank, unk, delimiter, lower)`` of a ``Wav2Vec2CTCTokenizer`` for the model's
+    classes (:func:`with_char_vocabulary`'s arguments); the blank is the tokenizer's pad token,
+    which the pipeline drops as the CTC blank."""
+    import transformers
+
+    if not isinstance(tokenizer, transformers.Wav2Vec2CTCTokenizer):
+        raise ValueError(f"cannot import the vocabulary of a {type(tokenizer).__name__}: only a Wav2Vec2CTCTokenizer "
+                         "(characters joined, the word delimiter as space) maps onto speechssl's character "
+                         "tokenizer; pass tokenizer=False to import the model without its vocabulary")
+    if tokenizer.replace_word_delimiter_char != " ":
+        raise ValueError(f"the tokenizer writes its word delimiter as {tokenizer.replace_word_delimiter_char!r}; "
+                         "speechssl's character tokenizer writes a space")
+    n = hf_config.vocab_size
+
+    def class_of(token_id: int | None) -> int | None:
+        return token_id if token_id is not None and 0 <= token_id < n else None
+
+    blank = class_of(tokenizer.pad_token_id)
+    if blank is None:
+        raise ValueError(f"the tokenizer's pad token {tokenizer.pad_token!r} (the CTC blank of Hugging Face's "
+                         f"pipeline) is not one of the model's {n} classes")
+    tokens = [tokenizer.convert_ids_to_tokens(i) for i in range(n)]
+    unk = class_of(tokenizer.unk_token_id) if tokenizer.unk_token is not None else None
+    delimiter = class_of(tokenizer.word_delimiter_token_id)
+    return tokens, blank, (None if unk == blank else unk), delimiter, bool(tokenizer.do_lower_case)
+
+
+def _char_vocab_of(model: CTCModel) -> list[str]:
+    """The character vocabulary of a CTC model, or ValueError saying why it has none that Hugging
+    Face's ``Wav2Vec2CTCTokenizer`` can hold."""
+    tokenizer = model.tokenizer
+    if tokenizer is None:
+        raise ValueError("this CTC model has no tokenizer (it was not made by speechssl's fine-tuning job); "
+                         "pass tokenizer=False to write the model without one")
+    if tokenizer.get("type") == "bpe":
+        raise ValueError("a SentencePiece (BPE) vocabulary cannot become a Wav2Vec2CTCTokenizer: that tokenizer "
+                         "writes each token's text as is and turns only a whole word-delimiter token into a space, "
+                         "while SentencePiece pieces carry the word boundary inside the piece (\u2581), so the "
+                         "pipeline's transcripts would not be ours. Pass tokenizer=False to write the model, its "
+                         "config and feature extractor without a tokenizer, and decode its logits with the "
+                         "SentencePiece model")
+    if tokenizer.get("type") != "char":
+        raise ValueError(f"unknown tokenizer type {tokenizer.get('type')!r} (char or bpe)")
+    vocab = list(tokenizer["vocab"])
+    if vocab[:3] != [BLANK, UNK, WORD] or len(vocab) != model.vocab_size or model.blank != 0:
+        raise ValueError(f"the character vocabulary ({len(vocab)} tokens from {vocab[:3]}) does not fit the CTC "
+                         f"head ({model.vocab_size} classes, blank {model.blank})")
+    extra = [t for t in vocab[3:] if t in (HF_PAD, UNK, WORD)]
+    if len(set(vocab)) != len(vocab) or extra:
+        raise ValueError(f"the vocabulary repeats a token or uses a special token's name: {extra or vocab}")
+    return vocab
+
+
+def huggingface_tokenizer(model: CTCModel) -> Any:
+    """The ``Wav2Vec2CTCTokenizer`` of a CTC model with a character tokenizer: our classes in
+    order, ``<blank>`` named ``<pad>`` (the pad token, which Hugging Face's CTC decoding drops as
+    the blank), ``<unk>`` the unk token and ``|`` the word delimiter; no BOS or EOS token, no case
+    folding and no clean-up of spaces, so that it writes our transcripts. (It encodes text as it
+    is: fold its case as the model's tokenizer does, ``.tokenizer["case"]``, before making labels
+    with it.) A BPE tokenizer or none is a ValueError saying why."""
+    import tempfile
+
+    import transformers
+
+    vocab = _char_vocab_of(model)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "vocab.json"
+        path.write_text(json.dumps({token: i for i, token in enumerate([HF_PAD, *vocab[1:]])}, ensure_ascii=False))
+        return transformers.Wav2Vec2CTCTokenizer(
+            str(path), bos_token=None, eos_token=None, unk_token=UNK, pad_token=HF_PAD, word_delimiter_token=WORD,
+            replace_word_delimiter_char=" ", do_lower_case=False, clean_up_tokenization_spaces=False)
+
+
+def huggingface_feature_extractor(model: SpeechEncoder, normalize_audio: bool | None = None) -> Any:
+    """The ``Wav2Vec2FeatureExtractor`` for a model: 16 kHz mono samples, ``do_normalize`` =
+    ``normalize_audio`` (default: the model's ``normalize_audio``, False for a pretraining model),
+    and ``return_attention_mask`` as Hugging Face's released models have it: True for the
+    layer_norm extractor (LARGE), False for group_norm (BASE), whose group norm over time sees the
+    padding anyway. (Hugging Face normalises with eps 1e-7, speechssl with 1e-5.)"""
+    import transformers
+
+    if normalize_audio is None:
+        normalize_audio = bool(getattr(model, "normalize_audio", False))
+    return transformers.Wav2Vec2FeatureExtractor(
+        feature_size=1, sampling_rate=SAMPLE_RATE, padding_value=0.0, do_normalize=normalize_audio,
+        return_attention_mask=model.config.extractor.mode == "layer_norm")
+
+
 # ---------------------------------------------------------------------------------------- entry points
 
 
-def from_huggingface(hf_model: Any) -> Wav2Vec2Model | CTCModel:
+def from_huggingface(hf_model: Any, tokenizer: Any = None, normalize_audio: bool | None = None
+                     ) -> Wav2Vec2Model | CTCModel:
     """Import a ``transformers`` Wav2Vec2 or Wav2Vec2-Conformer model (``*Model``,
     ``*ForPreTraining`` or ``*ForCTC``; an instance, or a name or folder for ``from_pretrained``).
-    CTC models become a :class:`CTCModel` (blank = ``pad_token_id``), the others a
-    :class:`Wav2Vec2Model`. The result is in eval mode when the source was."""
-    if isinstance(hf_model, str):
-        import transformers
+    CTC models become a :class:`CTCModel`, the others a :class:`Wav2Vec2Model`. The result is in
+    eval mode when the source was.
 
-        architecture = transformers.AutoConfig.from_pretrained(hf_model).architectures[0]
-        hf_model = getattr(transformers, architecture).from_pretrained(hf_model)
+    The vocabulary of a CTC model comes from ``tokenizer``: a ``Wav2Vec2CTCTokenizer``, a
+    ``Wav2Vec2Processor`` or a name or folder holding one; None (the default) reads it from the
+    model's own folder when the model is given as one (a folder without ``vocab.json`` gives none),
+    False imports no vocabulary. With a vocabulary, the CTC model gets speechssl's character
+    tokenizer (``.tokenizer``, ``.vocab``) and ``.blank`` 0, and our greedy decoding gives the
+    transcripts of ``pipeline("automatic-speech-recognition")``: the tokenizer's pad token (the
+    pipeline's CTC blank) becomes ``<blank>``, its unk token ``<unk>`` and its word delimiter ``|``,
+    as the first three classes, the other tokens follow in their order, and the rows of ``lm_head``
+    are reordered to match (a folder written by :func:`save_huggingface` has that order already, so
+    its weights come back bit-exact). A vocabulary without an unk or delimiter token gets one as a
+    class the model never predicts (zero weights, bias -1e4). Without a vocabulary the blank is the
+    config's ``pad_token_id`` and ``.tokenizer`` is None.
+
+    ``normalize_audio`` (CTC models): whether inference normalises each utterance; None takes the
+    feature extractor's ``do_normalize`` (from ``preprocessor_config.json`` in the folder, or the
+    processor given as ``tokenizer``), else False.
+    """
+    import transformers
+
+    source = hf_model if isinstance(hf_model, str) else None
+    if source is not None:
+        architecture = transformers.AutoConfig.from_pretrained(source).architectures[0]
+        hf_model = getattr(transformers, architecture).from_pretrained(source)
     name = type(hf_model).__name__
     if not re.fullmatch(r"Wav2Vec2(Conformer)?(Model|ForPreTraining|ForCTC)", name):
         raise ValueError(f"cannot import {name}: expected Wav2Vec2[Conformer]Model, ForPreTraining or ForCTC")
@@ -233,8 +457,11 @@ def from_huggingface(hf_model: Any) -> Wav2Vec2Model | CTCModel:
     prefix = "" if name.endswith("Model") else ("wav2vec2_conformer." if conformer else "wav2vec2.")
     ctc = name.endswith("ForCTC")
     if ctc:
+        hf_tokenizer, do_normalize = _tokenizer_and_normalization(tokenizer, source)
+        if normalize_audio is None:
+            normalize_audio = bool(do_normalize)
         model: SpeechEncoder = CTCModel(config, hf_model.config.vocab_size, blank=hf_model.config.pad_token_id or 0,
-                                        final_dropout=hf_model.config.final_dropout)
+                                        final_dropout=hf_model.config.final_dropout, normalize_audio=normalize_audio)
     else:
         model = Wav2Vec2Model(config)
     state = _import_state(hf_model.state_dict(), prefix, conformer, config.quantizer.num_groups)
@@ -247,6 +474,8 @@ def from_huggingface(hf_model: Any) -> Wav2Vec2Model | CTCModel:
     missing = [k for k in missing if not k.startswith(fresh)]
     if missing or unexpected:
         raise ValueError(f"Hugging Face import mismatch: missing {missing}, unexpected {unexpected}")
+    if ctc and hf_tokenizer is not None:
+        model = with_char_vocabulary(model, *_huggingface_tokens(hf_tokenizer, hf_model.config))
     return model.train(hf_model.training)
 
 
@@ -280,3 +509,37 @@ def to_huggingface(model: SpeechEncoder, kind: str | None = None) -> nn.Module:
         raise ValueError(f"Hugging Face export left parameters unset: {left}")
     hf_model.load_state_dict(ours, strict=False)
     return hf_model.eval()
+
+
+def save_huggingface(model: SpeechEncoder, folder: str | os.PathLike, kind: str | None = None,
+                     tokenizer: bool = True, normalize_audio: bool | None = None) -> Path:
+    """Write a ``save_pretrained`` folder that ``transformers`` loads as it is:
+
+    - ``config.json`` and ``model.safetensors`` (:func:`to_huggingface`; ``kind`` as there);
+    - ``preprocessor_config.json`` (:func:`huggingface_feature_extractor`; ``normalize_audio``
+      as there);
+    - for a CTC export with ``tokenizer`` (the default), the CTC tokenizer
+      (:func:`huggingface_tokenizer`): ``vocab.json``, ``tokenizer_config.json`` and
+      ``special_tokens_map.json``.
+
+    Then ``pipeline("automatic-speech-recognition", model=folder)`` and
+    ``Wav2Vec2Processor.from_pretrained(folder)`` load it, the pipeline's transcripts are our
+    greedy ones (but where the model emits two word delimiters with only blanks between them, Hugging
+    Face writes two spaces, speechssl one), and :func:`from_huggingface` of the folder gives back
+    the model with its vocabulary. Only a character tokenizer can be written: a BPE model (or one
+    without a tokenizer) is refused with the reason, unless ``tokenizer=False`` (the model without
+    a tokenizer). The checks run before anything is written; files of the same names in ``folder``
+    are replaced. Returns the folder."""
+    is_ctc = isinstance(model, CTCModel)
+    hf_model = to_huggingface(model, kind)
+    hf_tokenizer = huggingface_tokenizer(model) if is_ctc and kind in (None, "ctc") and tokenizer else None
+    extractor = huggingface_feature_extractor(model, normalize_audio)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    hf_model.save_pretrained(folder)
+    extractor.save_pretrained(folder)
+    if hf_tokenizer is not None:
+        hf_tokenizer.save_pretrained(folder)
+        special = {"pad_token": hf_tokenizer.pad_token, "unk_token": hf_tokenizer.unk_token}
+        (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
+    return folder

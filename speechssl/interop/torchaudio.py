@@ -1,21 +1,27 @@
-"""torchaudio ``Wav2Vec2Model`` <-> speechssl :class:`~speechssl.Wav2Vec2Model`.
+"""torchaudio ``Wav2Vec2Model`` <-> speechssl :class:`~speechssl.Wav2Vec2Model` and :class:`CTCModel`.
 
 torchaudio's model is the extractor, the frontend projection and the Transformer (plus an optional
 ``aux`` head); the pretraining parts (mask embedding, quantizer, projections) exist only here, so a
-model imported from torchaudio gets freshly initialised ones and can go on pretraining.
+model imported from torchaudio gets freshly initialised ones and can go on pretraining. A CTC
+model's head is torchaudio's ``aux``: :func:`to_torchaudio` exports it there and attaches the
+labels (``ta_model.labels``), and :func:`from_torchaudio` with ``labels`` imports ``aux`` as the
+CTC head with its vocabulary.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from speechssl.interop.huggingface import UNK, WORD, with_char_vocabulary
 from speechssl.interop.keys import rename
 from speechssl.models.config import FeatureExtractorConfig, ModelConfig
 from speechssl.models.context.transformer import TransformerConfig
+from speechssl.models.ctc import CTCModel
 from speechssl.models.wav2vec2 import Wav2Vec2Model
 
 # (torchaudio key, speechssl key) prefixes; q/k/v projections are fused separately.
@@ -111,11 +117,43 @@ def config_from_torchaudio(ta_model: nn.Module) -> ModelConfig:
     )
 
 
-def from_torchaudio(ta_model: nn.Module) -> Wav2Vec2Model:
+def _index(labels: list[str], token: str, blank: int) -> int | None:
+    """The class of ``token`` among ``labels`` (the blank excepted), or None."""
+    found = [i for i, label in enumerate(labels) if label == token and i != blank]
+    return found[0] if found else None
+
+
+def from_torchaudio(ta_model: nn.Module, labels: Sequence[str] | None = None, blank: int = 0,
+                   tokenizer: dict | None = None) -> Wav2Vec2Model | CTCModel:
     """Build a speechssl model with the architecture and weights of a torchaudio ``Wav2Vec2Model``
-    (including the fairseq-trained checkpoints torchaudio's bundles load)."""
-    model = Wav2Vec2Model(config_from_torchaudio(ta_model))
+    (including the fairseq-trained checkpoints torchaudio's bundles load).
+
+    Without ``labels``: a :class:`Wav2Vec2Model` (an ``aux`` head stays its ``aux``). With
+    ``labels`` (the text of each ``aux`` class, as ``bundle.get_labels()`` or the ``labels`` that
+    :func:`to_torchaudio` attaches) the model has to have ``aux`` and becomes a :class:`CTCModel`
+    whose head is ``aux`` and whose blank is class ``blank``. ``tokenizer`` (a tokenizer's
+    ``to_dict()``, e.g. a BPE model's) is taken as it is, ``labels`` then being its vocabulary;
+    without it, the labels are read as characters, torchaudio's greedy decoding (written as is,
+    ``|`` between words): the model gets speechssl's character tokenizer through
+    :func:`~speechssl.interop.huggingface.with_char_vocabulary` (``<blank>``, ``<unk>``, ``|`` first,
+    the head's rows reordered; a missing ``<unk>`` or ``|`` is added as a class it never predicts),
+    so that our greedy transcripts are torchaudio's. The labels of a speechssl export come back in
+    their order, the head bit-exact."""
+    config = config_from_torchaudio(ta_model)
+    aux = getattr(ta_model, "aux", None)
+    if labels is not None:
+        if aux is None:
+            raise ValueError("labels are given but the torchaudio model has no aux head to be the CTC head")
+        if len(labels) != aux.out_features:
+            raise ValueError(f"{len(labels)} labels for an aux head of {aux.out_features} classes")
+        config.aux_num_out = None
+        model: Wav2Vec2Model | CTCModel = CTCModel(config, aux.out_features, blank=blank, vocab=list(labels),
+                                                   tokenizer=tokenizer)
+    else:
+        model = Wav2Vec2Model(config)
     state = _import_state_dict(ta_model.state_dict())
+    if labels is not None:
+        state = {("lm_head." + k[4:] if k.startswith("aux.") else k): v for k, v in state.items()}
     weight_key = "context.pos_conv.conv.weight"
     plain_weight = state.pop(weight_key, None)  # torchaudio removed weight norm (scripted models)
     missing, unexpected = model.load_state_dict(state, strict=False)
@@ -127,6 +165,10 @@ def from_torchaudio(ta_model: nn.Module) -> Wav2Vec2Model:
     missing = [k for k in missing if not k.startswith(pretraining_only)]
     if missing or unexpected:
         raise ValueError(f"torchaudio import mismatch: missing {missing}, unexpected {unexpected}")
+    if isinstance(model, CTCModel) and tokenizer is None:
+        labels = list(labels)
+        unk, word = (_index(labels, token, blank) for token in (UNK, WORD))
+        with_char_vocabulary(model, labels, blank, unk, word)
     return model
 
 
@@ -158,13 +200,32 @@ def torchaudio_kwargs(config: ModelConfig) -> dict[str, Any]:
     )
 
 
-def to_torchaudio(model: Wav2Vec2Model) -> nn.Module:
-    """A ``torchaudio.models.Wav2Vec2Model`` with this model's weights (extractor, projection,
-    Transformer and aux head; the pretraining parts have no place there)."""
+def to_torchaudio(model: Wav2Vec2Model | CTCModel) -> nn.Module:
+    """A ``torchaudio.models.Wav2Vec2Model`` with this model's weights: extractor, projection,
+    Transformer and head (the pretraining parts have no place there).
+
+    A :class:`Wav2Vec2Model`'s ``aux`` head stays ``aux``. A :class:`CTCModel`'s CTC head becomes
+    ``aux`` (``aux_num_out`` = its classes; final dropout, off in inference, is not kept), so the
+    torchaudio model's ``forward`` gives our logits (its emissions), and the result gets an attribute
+    ``labels``: the tuple of the classes' texts (``model.vocab``; None when the model does not know
+    it), with the blank at ``model.blank`` (0, ``<blank>``, for speechssl's tokenizers), ``|`` the word
+    delimiter of a character vocabulary. Pass them to :func:`from_torchaudio` to come back, or to
+    torchaudio's decoders (``ctc_decoder(..., tokens=list(labels), blank_token="<blank>",
+    sil_token="|")``)."""
     import torchaudio
 
-    ta_model = torchaudio.models.wav2vec2_model(**torchaudio_kwargs(model.config))
-    ta_model.load_state_dict(_export_state_dict(model.state_dict()))
+    kwargs = torchaudio_kwargs(model.config)
+    state = model.state_dict()
+    if isinstance(model, CTCModel):
+        kwargs["aux_num_out"] = model.vocab_size
+        state = {("aux." + k[len("lm_head."):] if k.startswith("lm_head.") else k): v for k, v in state.items()}
+    ta_model = torchaudio.models.wav2vec2_model(**kwargs)
+    ta_model.load_state_dict(_export_state_dict(state))
+    if isinstance(model, CTCModel):
+        vocab = model.vocab
+        if vocab is None and model.tokenizer is not None and model.tokenizer.get("type") == "char":
+            vocab = model.tokenizer["vocab"]
+        ta_model.labels = tuple(vocab) if vocab is not None else None
     return ta_model
 
 
