@@ -25,9 +25,16 @@ def load_config(path: str, overrides: list[str]):
 
 
 def check_config(config):
-    """``config`` after the checks that need no model (ConfigError): shards and DeepSpeed settings."""
+    """``config`` after the checks that need no model (ConfigError): shards, DeepSpeed settings, and
+    that an ``init`` file or folder exists."""
+    from pathlib import Path
+
+    from speechssl.config import ConfigError
     from speechssl.training.job import check_job
 
+    if config.init and not config.init.startswith(("hf:", "ta:", "scratch:")) and not Path(config.init).exists():
+        raise ConfigError(f"init: {config.init} does not exist (a model file or run folder, hf:NAME, a Hugging Face "
+                          "folder or ta:BUNDLE)")
     check_job(config.data, config.valid_shards, config.trainer)
     return config
 
@@ -47,7 +54,8 @@ def train(config) -> dict:
     lock = open_run_folder(config, rank, device)  # noqa: F841  (held until the process ends)
     train_loader, valid_loader = make_loaders(config.data, config.valid_shards, rank, world,
                                               receptive_field_of(config.model))
-    task = PretrainTask(config.model, config.trainer.max_updates, train_loader.stream.shardset.sample_rate)
+    task = PretrainTask(config.model, config.trainer.max_updates, train_loader.stream.shardset.sample_rate,
+                        config.init)
     return Trainer(task, config.trainer, train_loader, valid_loader).fit()
 
 

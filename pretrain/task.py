@@ -34,8 +34,8 @@ class PretrainTask(Task):
                  "temperature")
     progress_keys = ("loss", "accuracy", "prob_perplexity")
 
-    def __init__(self, model_config: ModelConfig, max_updates: int, sample_rate: int = 16000):
-        self.model_config = model_config
+    def __init__(self, model_config: ModelConfig, max_updates: int, sample_rate: int = 16000, init: str = ""):
+        self.model_config, self.init = model_config, init
         self.sample_rate = sample_rate
         self.health = HealthMonitor(model_config.quantizer.num_groups, max_updates)
         q = model_config.quantizer
@@ -47,7 +47,16 @@ class PretrainTask(Task):
                         q.temp_decay, matched_temp_decay(q.temp_start, q.temp_end, max_updates), q.temp_end)
 
     def build_model(self) -> nn.Module:
-        return Wav2Vec2Model(self.model_config)
+        """The model of ``model_config``, with the weights of ``init`` where it has them."""
+        model = Wav2Vec2Model(self.model_config)
+        if self.init:
+            from speechssl.models.loading import load, take_weights
+
+            with torch.random.fork_rng(devices=[]):  # building the source (a Hugging Face model) draws random
+                source = load(self.init)               # weights: the run's masks must not depend on its format
+            done = take_weights(model, source, f"init={self.init}")
+            log.info("init=%s: %s", self.init, done.describe())
+        return model
 
     def prepare(self, model: Wav2Vec2Model, batch: AudioBatch, device: torch.device,
                 dtype: torch.dtype) -> dict[str, Any]:

@@ -1,13 +1,22 @@
-"""A model named the way every command names one: a run folder, a model file, ``hf:NAME_OR_PATH``,
-or ``scratch:MODEL_CONFIG``.
+"""A model named the way every command names one: a run folder, a model file, ``hf:NAME_OR_PATH``
+or a Hugging Face folder, ``ta:BUNDLE``, or ``scratch:MODEL_CONFIG``.
 
-- a run folder: its ``model.pt``;
+    model = speechssl.load("runs/ctc")             # a CTCModel: model.transcribe("a.wav")
+    model = speechssl.load("hf:facebook/wav2vec2-base")  # a Wav2Vec2Model (pretraining parts fresh)
+    model = speechssl.load("ta:WAV2VEC2_ASR_BASE_960H")  # a CTCModel with the bundle's labels
+
+- a run folder: its ``model.pt`` (the exported model; ``speechssl export RUN`` writes it from the
+  newest checkpoint of a run that stopped before);
 - a model file: one written by :meth:`Wav2Vec2Model.save <speechssl.models.wav2vec2.Wav2Vec2Model.save>`
   (pretraining; also one imported from torchaudio or Hugging Face and saved) or by
   :meth:`CTCModel.save <speechssl.models.ctc.CTCModel.save>` (fine-tuning), told apart by the
   file's own ``format``;
-- ``hf:NAME_OR_PATH``: a Hugging Face Wav2Vec2 or Wav2Vec2-Conformer checkpoint (hub name or saved
-  folder; :func:`speechssl.interop.huggingface.from_huggingface`);
+- ``hf:NAME_OR_PATH``, or a folder with a Hugging Face ``config.json``: a Wav2Vec2 or
+  Wav2Vec2-Conformer checkpoint (hub name or saved folder;
+  :func:`speechssl.interop.huggingface.from_huggingface`); a CTC one with its vocabulary;
+- ``ta:BUNDLE``: a torchaudio pipeline bundle, e.g. ``ta:WAV2VEC2_BASE`` (its weights are
+  downloaded to torch.hub's cache where the network allows, or read from it); an ASR bundle
+  becomes a CTC model with the bundle's labels;
 - ``scratch:MODEL_CONFIG``: a random initialisation of the model of that YAML (a from-scratch
   baseline), drawn after ``torch.manual_seed(seed)``.
 """
@@ -15,23 +24,69 @@ or ``scratch:MODEL_CONFIG``.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from speechssl.models.encoder import SpeechEncoder
 
-SOURCES = "a run folder with model.pt, a model file, or hf:NAME"
+SOURCES = "a run folder with model.pt, a model file, hf:NAME or a Hugging Face folder, or ta:BUNDLE"
 
 
 def model_file(source: str | os.PathLike) -> Path:
     """The model file a run folder or file names (FileNotFoundError when there is none)."""
     path = Path(source)
     if path.is_dir():
+        if not (path / "model.pt").is_file() and (path / "checkpoints").is_dir():
+            raise FileNotFoundError(f"{path} has no model.pt (the run stopped before writing it): write it from the "
+                                    f"newest checkpoint with `speechssl export {path}`")
         path = path / "model.pt"
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist ({SOURCES})")
     return path
+
+
+def is_huggingface_folder(path: Path) -> bool:
+    """A ``save_pretrained`` folder: a ``config.json`` that names a ``model_type``."""
+    import json
+
+    config = path / "config.json"
+    if not config.is_file():
+        return False
+    try:
+        return "model_type" in json.loads(config.read_text())
+    except (OSError, ValueError):
+        return False
+
+
+def from_bundle(name: str) -> SpeechEncoder:
+    """The model of the torchaudio pipeline bundle ``name`` (``WAV2VEC2_BASE``, ``WAV2VEC2_ASR_BASE_960H``...)."""
+    import torchaudio.pipelines
+
+    from speechssl.interop.torchaudio import from_torchaudio
+
+    bundle = getattr(torchaudio.pipelines, name, None)
+    if bundle is None or not hasattr(bundle, "get_model"):
+        known = sorted(n for n in dir(torchaudio.pipelines) if n.startswith(("WAV2VEC2", "HUBERT", "WAVLM")))
+        raise ValueError(f"ta:{name} is not a torchaudio wav2vec 2.0 bundle; known: {', '.join(known)}")
+    ta_model = bundle.get_model()
+    normalize = hasattr(ta_model, "normalize_waveform") and ta_model.normalize_waveform
+    ta_model = getattr(ta_model, "model", ta_model)  # the wrapper of bundles that normalise the waveform
+    labels = bundle.get_labels() if hasattr(bundle, "get_labels") else None
+    model = from_torchaudio(ta_model, labels=labels) if labels else from_torchaudio(ta_model)
+    if labels:
+        model.normalize_audio = bool(normalize)
+    return model
+
+
+def load(source: str | os.PathLike, seed: int = 1) -> SpeechEncoder:
+    """``speechssl.load``: the model ``source`` names (the module's docstring), on the CPU, in
+    eval mode: a :class:`~speechssl.models.wav2vec2.Wav2Vec2Model` (pretraining) or a
+    :class:`~speechssl.models.ctc.CTCModel` (fine-tuned). FileNotFoundError for a missing file or
+    folder, ValueError for one that holds no model of a kind it knows."""
+    return load_speech_model(str(source), seed).eval()
 
 
 def load_speech_model(source: str, seed: int = 1) -> SpeechEncoder:
@@ -45,10 +100,12 @@ def load_speech_model(source: str, seed: int = 1) -> SpeechEncoder:
 
         torch.manual_seed(seed)
         return Wav2Vec2Model(load_model_config(source[len("scratch:"):]))
-    if source.startswith("hf:"):
+    if source.startswith("ta:"):
+        return from_bundle(source[3:])
+    if source.startswith("hf:") or is_huggingface_folder(Path(source)):
         from speechssl.interop.huggingface import from_huggingface
 
-        return from_huggingface(source[3:])
+        return from_huggingface(source[3:] if source.startswith("hf:") else source)
     path = model_file(source)
     blob = torch.load(path, map_location="cpu", weights_only=True)
     from speechssl.models.ctc import FORMAT as CTC_FORMAT
@@ -60,3 +117,50 @@ def load_speech_model(source: str, seed: int = 1) -> SpeechEncoder:
     from speechssl.models.wav2vec2 import load_model
 
     return load_model(path)
+
+
+@dataclass
+class WeightTransfer:
+    """What :func:`take_weights` did: ``taken`` tensors copied; ``fresh``: the model's parts the
+    source lacks, left as initialised; ``unused``: the source's parts the model has no place for
+    (a CTC head when pretraining, say). Parts are module paths, e.g. ``quantizer``, ``project_q``."""
+
+    taken: int
+    fresh: list[str]
+    unused: list[str]
+
+    def describe(self) -> str:
+        return (f"{self.taken} tensors taken; initialised fresh: {', '.join(self.fresh) or 'nothing'}; "
+                f"not used: {', '.join(self.unused) or 'nothing'}")
+
+
+ENCODER = ("feature_extractor.", "frontend.", "context.")  # what every speechssl model of one architecture shares
+
+
+def _parts(keys: set[str]) -> list[str]:
+    """The module paths of state-dict keys, one level below the top (``frontend.masker``) or the
+    top one where that is the whole module (``quantizer``), each once."""
+    return sorted({".".join(k.split(".")[:2]) if k.split(".")[0] in ("frontend", "context") else k.split(".")[0]
+                   for k in keys})
+
+
+def take_weights(model: nn.Module, source: nn.Module, where: str = "the source") -> WeightTransfer:
+    """Copy into ``model`` every tensor of ``source``'s state dict that ``model`` has under the same
+    name and shape; the rest of ``model`` keeps its initialisation. Outside the encoder (the
+    quantizer and projections, set by the pretraining config) a tensor of another shape starts
+    fresh too. ValueError when the encoders differ: an encoder tensor of another shape, or one
+    the model lacks (the two are not the same architecture)."""
+    target, given = model.state_dict(), source.state_dict()
+    differ = {k for k in target.keys() & given.keys() if target[k].shape != given[k].shape}
+    clashes = [f"{k} {tuple(given[k].shape)} (the model's {tuple(target[k].shape)})"
+               for k in sorted(differ) if k.startswith(ENCODER)]
+    homeless = sorted(k for k in given.keys() - target.keys() if k.startswith(ENCODER))
+    if clashes or homeless:
+        detail = (f"{len(clashes)} encoder tensor(s) differ in shape, e.g. {'; '.join(clashes[:3])}" if clashes
+                  else f"{len(homeless)} of its encoder's tensors have no place in the model, e.g. "
+                  f"{', '.join(homeless[:3])}")
+        raise ValueError(f"{where} is another architecture: {detail}. Use its model config "
+                         "(speechssl.load(SOURCE).config)")
+    shared = {k: given[k] for k in (target.keys() & given.keys()) - differ}
+    model.load_state_dict(shared, strict=False)
+    return WeightTransfer(len(shared), _parts(target.keys() - shared.keys()), _parts(given.keys() - target.keys()))

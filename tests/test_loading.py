@@ -1,0 +1,194 @@
+"""speechssl.load on every kind of source, and starting pretraining from a model (init=)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import speechssl
+from speechssl import Wav2Vec2Model, load_model_config
+from speechssl.models.ctc import CTCModel
+from speechssl.models.loading import take_weights
+from tests.conftest import REPO
+
+TINY = REPO / "configs/model/tiny_transformer.yaml"
+
+
+def _waves() -> tuple[torch.Tensor, torch.Tensor]:
+    torch.manual_seed(3)
+    return torch.randn(2, 8000), torch.tensor([8000, 6400])
+
+
+def _features(model) -> torch.Tensor:
+    waves, lengths = _waves()
+    with torch.no_grad():
+        return model.encode(waves, lengths)[0] if isinstance(model, Wav2Vec2Model) else model(waves, lengths)[0]
+
+
+@pytest.fixture
+def pretrained(tmp_path: Path) -> Wav2Vec2Model:
+    torch.manual_seed(11)
+    return Wav2Vec2Model(load_model_config(TINY)).eval()
+
+
+def test_load_reads_model_files_run_folders_and_ctc_models(pretrained: Wav2Vec2Model, tmp_path: Path) -> None:
+    pretrained.save(tmp_path / "pre.pt")
+    (tmp_path / "run").mkdir()
+    pretrained.save(tmp_path / "run" / "model.pt")
+    for source in (tmp_path / "pre.pt", tmp_path / "run", str(tmp_path / "run")):
+        loaded = speechssl.load(source)
+        assert type(loaded) is Wav2Vec2Model and not loaded.training
+        torch.testing.assert_close(_features(loaded), _features(pretrained), rtol=0, atol=0)
+    ctc = CTCModel.from_pretrained(pretrained, 7, vocab=[f"t{i}" for i in range(7)])
+    ctc.save(tmp_path / "ctc.pt")
+    loaded = speechssl.load(tmp_path / "ctc.pt")
+    assert type(loaded) is CTCModel and loaded.vocab == ctc.vocab
+    torch.testing.assert_close(_features(loaded), _features(ctc.eval()), rtol=0, atol=0)
+
+
+def test_load_says_what_is_missing(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        speechssl.load(tmp_path / "nothing.pt")
+    (tmp_path / "stopped" / "checkpoints").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="speechssl export"):
+        speechssl.load(tmp_path / "stopped")
+    with pytest.raises(ValueError, match="not a torchaudio wav2vec 2"):
+        speechssl.load("ta:NO_SUCH_BUNDLE")
+
+
+def test_load_reads_hugging_face_folders(pretrained: Wav2Vec2Model, tmp_path: Path) -> None:
+    from speechssl.interop.huggingface import to_huggingface
+
+    to_huggingface(pretrained, "pretraining").save_pretrained(tmp_path / "hf")
+    for source in (tmp_path / "hf", f"hf:{tmp_path / 'hf'}"):
+        loaded = speechssl.load(source)
+        assert type(loaded) is Wav2Vec2Model
+        torch.testing.assert_close(_features(loaded), _features(pretrained), rtol=0, atol=1e-6)
+        # the pretraining parts came along too
+        torch.testing.assert_close(loaded.quantizer.codevectors, pretrained.quantizer.codevectors, rtol=0, atol=0)
+
+
+def _bundle_weights(hub: Path, name: str, ta_model: torch.nn.Module) -> None:
+    (hub / "checkpoints").mkdir(parents=True, exist_ok=True)
+    torch.save(ta_model.state_dict(), hub / "checkpoints" / name)
+
+
+def test_load_reads_torchaudio_bundles_from_the_hub_cache(pretrained: Wav2Vec2Model, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bundle as torchaudio defines one (tiny, so that its weights can be written to torch.hub's
+    cache here, where its get_model finds them without the network)."""
+    import torchaudio.pipelines
+    from torchaudio.models import wav2vec2_model
+    from torchaudio.pipelines._wav2vec2.impl import Wav2Vec2ASRBundle, Wav2Vec2Bundle
+
+    from speechssl.interop.torchaudio import to_torchaudio, torchaudio_kwargs
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    params = {**torchaudio_kwargs(pretrained.config), "aux_num_out": None}
+    ta_base = to_torchaudio(pretrained)
+    _bundle_weights(tmp_path / "hub", "tiny_base.pth", ta_base)
+    monkeypatch.setattr(torchaudio.pipelines, "TINY_BASE", Wav2Vec2Bundle("tiny_base.pth", params, 16000, False,
+                                                                          "Wav2Vec2"), raising=False)
+    loaded = speechssl.load("ta:TINY_BASE")
+    assert type(loaded) is Wav2Vec2Model
+    with torch.no_grad():
+        waves, lengths = _waves()
+        ours, frames = loaded.encode(waves, lengths)
+        theirs, ta_frames = ta_base.eval()(waves, lengths)
+    n = int(frames[1])
+    torch.testing.assert_close(ours[1, :n], theirs[1, :n], rtol=0, atol=1e-5)
+
+    labels = ("-", "|", "A", "B", "C")  # get_labels(): the blank first, | between words
+    torch.manual_seed(5)
+    ta_asr = wav2vec2_model(**{**params, "aux_num_out": len(labels)}).eval()
+    _bundle_weights(tmp_path / "hub", "tiny_asr.pth", ta_asr)
+    monkeypatch.setattr(torchaudio.pipelines, "TINY_ASR", Wav2Vec2ASRBundle(
+        "tiny_asr.pth", {**params, "aux_num_out": len(labels)}, 16000, False, "Wav2Vec2", labels[1:], None),
+        raising=False)
+    ctc = speechssl.load("ta:TINY_ASR")
+    assert type(ctc) is CTCModel and ctc.tokenizer is not None
+    with torch.no_grad():
+        ta_logits, _ = ta_asr(waves, lengths)
+        logits, _ = ctc(waves, lengths)
+    # the same greedy transcripts: our vocabulary holds the bundle's labels (reordered)
+    ours_text = ["".join(ctc.vocab[i] for i in torch.unique_consecutive(row[:n].argmax(-1)) if i != ctc.blank)
+                 for row, n in zip(logits, frames.tolist(), strict=True)]
+    theirs_text = ["".join(labels[i] for i in torch.unique_consecutive(row[:n].argmax(-1)) if i != 0)
+                   for row, n in zip(ta_logits, ta_frames.tolist(), strict=True)]
+    assert ours_text == theirs_text
+
+
+def test_take_weights_lists_what_starts_fresh_and_refuses_another_architecture(pretrained: Wav2Vec2Model) -> None:
+    torch.manual_seed(1)
+    model = Wav2Vec2Model(load_model_config(TINY))
+    ctc = CTCModel.from_pretrained(pretrained, 5)
+    done = take_weights(model, ctc)
+    assert "quantizer" in done.fresh and "project_q" in done.fresh and "final_proj" in done.fresh
+    assert done.unused == ["lm_head"]
+    for key, value in ctc.state_dict().items():
+        if not key.startswith("lm_head"):
+            torch.testing.assert_close(model.state_dict()[key], value, rtol=0, atol=0)
+    other = Wav2Vec2Model(load_model_config(REPO / "configs/model/tiny_conformer.yaml"))
+    with pytest.raises(ValueError, match="another architecture"):
+        take_weights(model, other, "init=x")
+
+
+def _job(shards: Path, out: Path, *extra: str) -> dict:
+    args = [f"data.shards=[{shards / 'train'}]", "data.num_workers=0", "data.max_tokens=96000",
+            f"trainer.output_dir={out}", "trainer.max_updates=1", "trainer.log_every=1", "trainer.validate_every=0",
+            "trainer.checkpoint_every=0", "trainer.threads=1", "valid_shards=[]", *extra]
+    done = subprocess.run([sys.executable, "-m", "pretrain", "--config", str(REPO / "configs/pretrain/tiny.yaml"),
+                           *args], capture_output=True, text=True, cwd=REPO, check=False, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    return {"loss": first["loss"], "log": done.stderr}
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from data_tools.shards import ShardOptions, make_shards
+    from data_tools.synthetic import corpus_entries
+
+    root = tmp_path_factory.mktemp("shards")
+    make_shards(corpus_entries(0.01, num_speakers=4, seed=0), root / "train", ShardOptions(max_count=20, workers=1))
+    return root
+
+
+def test_pretraining_starts_from_the_init_model(pretrained: Wav2Vec2Model, shards: Path, tmp_path: Path) -> None:
+    """The first update's loss is the init model's on that batch: the same from its model file and
+    from its Hugging Face export (the same weights), another from a fresh model."""
+    from speechssl.interop.huggingface import to_huggingface
+
+    pretrained.save(tmp_path / "init.pt")
+    to_huggingface(pretrained, "pretraining").save_pretrained(tmp_path / "hf")
+    fresh = _job(shards, tmp_path / "fresh")
+    from_file = _job(shards, tmp_path / "file", f"init={tmp_path / 'init.pt'}")
+    from_hf = _job(shards, tmp_path / "hf_run", f"init={tmp_path / 'hf'}")
+    assert from_file["loss"] == pytest.approx(from_hf["loss"], rel=1e-5)
+    assert abs(from_file["loss"] - fresh["loss"]) > 1e-3
+    assert "initialised fresh: nothing" in from_file["log"]
+
+
+def test_pretraining_init_from_a_torchaudio_model_takes_its_encoder(tmp_path: Path) -> None:
+    """A torchaudio-built model has no quantizer: the task starts from its encoder, the rest fresh."""
+    from torchaudio.models import wav2vec2_model
+
+    from pretrain.task import PretrainTask
+    from speechssl.interop.torchaudio import from_torchaudio, torchaudio_kwargs
+
+    config = load_model_config(TINY)
+    torch.manual_seed(2)
+    ta_model = wav2vec2_model(**{**torchaudio_kwargs(config), "aux_num_out": None}).eval()
+    from_torchaudio(ta_model).save(tmp_path / "ta.pt")
+    model = PretrainTask(config, 10, init=str(tmp_path / "ta.pt")).build_model().eval()
+    waves, lengths = _waves()
+    with torch.no_grad():
+        ours, frames = model.encode(waves, lengths)
+        theirs, _ = ta_model(waves, lengths)
+    n = int(frames[1])
+    torch.testing.assert_close(ours[1, :n], theirs[1, :n], rtol=0, atol=1e-5)
