@@ -170,7 +170,7 @@ def test_print_config_is_yaml_and_round_trips(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     tree = yaml.safe_load(done.stdout)
     assert tree["trainer"]["max_updates"] == 7 and tree["model"]["context"]["num_layers"] == 1
-    assert list(tree) == ["model", "data", "valid_shards", "trainer"]  # the schema's order, not sorted
+    assert list(tree) == ["model", "init", "data", "valid_shards", "trainer"]  # the schema's order, not sorted
     saved = tmp_path / "resolved.yaml"
     saved.write_text(done.stdout)
     again = _speechssl("pretrain", "--config", str(saved), "--print-config")
