@@ -107,12 +107,51 @@ def _finetune_task(tree: dict, run_dir: Path):
                         shardset.sample_rate)
 
 
+def export_elsewhere(source: str, output: str | os.PathLike, form: str, overwrite: bool = False,
+                     layers: str | None = None) -> dict:
+    """``source`` (anything :func:`speechssl.load` takes) as a Hugging Face folder (``hf``),
+    torchaudio's model scripted with TorchScript (``torchaudio``: ``torch.jit.load`` reads it
+    without speechssl; a CTC model's head as ``aux`` with its ``labels``) or an ONNX file
+    (``onnx``); what was written."""
+    import torch
+
+    import speechssl
+
+    target = Path(output)
+    if target.exists() and not overwrite:
+        raise FileExistsError(f"{target} exists; pass --overwrite to replace it")
+    if layers is not None and form != "onnx":
+        raise ValueError("--layers is for --format onnx")
+    model = speechssl.load(source)
+    if form == "hf":
+        from speechssl.interop.huggingface import save_huggingface
+
+        save_huggingface(model, target)
+    elif form == "torchaudio":
+        from speechssl.interop.torchaudio import to_torchaudio
+
+        target.parent.mkdir(parents=True, exist_ok=True)
+        torch.jit.save(torch.jit.script(to_torchaudio(model).eval()), target)
+    else:
+        from speechssl.interop.onnx import export_onnx
+
+        chosen = None if layers is None else layers if layers in ("last", "all") else \
+            [int(i) for i in layers.split(",")]
+        export_onnx(model, target, layers=chosen)
+    return {"output": str(target), "format": form, "model": type(model).__name__}
+
+
 def run(args: argparse.Namespace) -> int:
     """``speechssl export``; prints what was written as JSON."""
     from speechssl.config import ConfigError
 
     try:
-        done = export(args.source, args.output, args.overwrite)
+        if args.format != "model":
+            done = export_elsewhere(args.source, args.output, args.format, args.overwrite, args.layers)
+        else:
+            if args.layers is not None:
+                raise ValueError("--layers is for --format onnx")
+            done = export(args.source, args.output, args.overwrite)
     except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -63,6 +63,13 @@ given): what the run itself writes to model.pt at its end, for a run that was st
 
 A pretraining run gives a file for speechssl.load_model, a fine-tuning run a CTC model file with its
 tokenizer (rebuilt from the run's training shards or tokenizer.model, as a resumed run does).
+
+--format hf|torchaudio|onnx exports any model speechssl.load takes (a model file, a run folder's
+model.pt, hf:NAME, ta:BUNDLE) for use elsewhere:
+
+    %(prog)s runs/tiny_ctc/best.pt --format hf --output exported_hf     (transformers' ASR pipeline loads it)
+    %(prog)s runs/tiny_ctc/best.pt --format onnx --output ctc.onnx      (onnxruntime; --layers for features)
+    %(prog)s runs/tiny --format torchaudio --output ta.pt               (torchaudio's model in TorchScript: torch.jit.load)
 """
 
 
@@ -96,5 +103,11 @@ def add_export(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("source", metavar="RUN_DIR|CHECKPOINT",
                         help="a run folder (its newest complete checkpoint) or one checkpoint folder "
                              "(RUN_DIR/checkpoints/update_NNNNNNNN)")
-    parser.add_argument("--output", required=True, help="the model file to write")
+    parser.add_argument("--output", required=True, help="the model file (a folder for hf) to write")
     parser.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
+    parser.add_argument("--format", choices=("model", "hf", "torchaudio", "onnx"), default="model",
+                        help="model: the run's model file from a checkpoint; hf, torchaudio, onnx: SOURCE (any "
+                             "model speechssl.load takes) for use elsewhere")
+    parser.add_argument("--layers", default=None,
+                        help="onnx: the hidden states of these layers ('last', 'all' or e.g. 0,3) instead of "
+                             "a CTC model's logits")

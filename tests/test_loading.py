@@ -192,3 +192,33 @@ def test_pretraining_init_from_a_torchaudio_model_takes_its_encoder(tmp_path: Pa
         theirs, _ = ta_model(waves, lengths)
     n = int(frames[1])
     torch.testing.assert_close(ours[1, :n], theirs[1, :n], rtol=0, atol=1e-5)
+
+
+def test_export_command_writes_each_format_from_any_source(pretrained: Wav2Vec2Model, tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture) -> None:
+    """`speechssl export SOURCE --format hf|torchaudio|onnx`: each file gives the CTC model's logits."""
+    from finetune.tokenizer import CharTokenizer
+    from speechssl.interop.onnx import OnnxModel
+    from speechssl_cli import main as speechssl_main
+
+    tokenizer = CharTokenizer.build(["THE CAT"])
+    ctc = CTCModel.from_pretrained(pretrained, len(tokenizer), blank=tokenizer.blank, vocab=tokenizer.vocab,
+                                   tokenizer=tokenizer.to_dict()).eval()
+    ctc.save(tmp_path / "ctc.pt")
+    waves, lengths = _waves()
+    with torch.no_grad():
+        expected, frames = ctc(waves, lengths)
+    for form, out in (("hf", tmp_path / "hf"), ("torchaudio", tmp_path / "ta.pt"), ("onnx", tmp_path / "ctc.onnx")):
+        assert speechssl_main(["export", str(tmp_path / "ctc.pt"), "--format", form, "--output", str(out)]) == 0
+        assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["format"] == form
+        if form == "hf":
+            logits = speechssl.load(out)(waves, lengths)[0].detach()
+        elif form == "torchaudio":
+            logits = torch.jit.load(out)(waves, lengths)[0].detach()
+        else:
+            logits = torch.from_numpy(OnnxModel(out).run(waves.numpy(), lengths.numpy())["logits"])
+        for row, n in enumerate(frames.tolist()):
+            torch.testing.assert_close(logits[row, :n], expected[row, :n], rtol=0, atol=1e-3)
+    assert speechssl_main(["export", str(tmp_path / "ctc.pt"), "--format", "hf", "--output", str(tmp_path / "hf")]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert speechssl_main(["export", str(tmp_path / "ctc.pt"), "--layers", "0", "--output", str(tmp_path / "x")]) == 2
