@@ -69,7 +69,7 @@ model.pt, hf:NAME, ta:BUNDLE) for use elsewhere:
 
     %(prog)s runs/tiny_ctc/best.pt --format hf --output exported_hf     (transformers' ASR pipeline loads it)
     %(prog)s runs/tiny_ctc/best.pt --format onnx --output ctc.onnx      (onnxruntime; --layers for features)
-    %(prog)s runs/tiny --format torchaudio --output ta.pt               (torchaudio's model in TorchScript: torch.jit.load)
+    %(prog)s runs/tiny --format torchaudio --output ta.pt               (TorchScript: torch.jit.load)
 """
 
 
