@@ -257,8 +257,8 @@ def pseudo_label(teacher: Path, data: Path, output: Path, decoder: str, keep: fl
     """The teacher's averaged model labels ``train90`` (greedy, or with the LM of the 10% subset's
     transcripts tuned on dev); the manifest, its quality against the true transcripts
     (``quality.json``) and its shards in ``output``, ``index.json`` last."""
-    from finetune.decoding import error_counts
     from finetune.tokenizer import tokenizer_from_dict
+    from finetune.transcribe import score
     from speechssl.data.manifest import read_source
     from speechssl.models.ctc import load_ctc_model
 
@@ -278,10 +278,8 @@ def pseudo_label(teacher: Path, data: Path, output: Path, decoder: str, keep: fl
     truth = {e.id: e.text for e in read_source(data / "split" / "train90.tsv")[0]}
     with manifest.open() as f:
         kept = {r["id"]: r["text"] for r in csv.DictReader(f, delimiter="\t")}
-    refs = [tokenizer.decode(tokenizer.encode(truth[i])) for i in kept]
-    counts = error_counts(refs, list(kept.values()))
-    quality = {"kept": len(kept), "of": len(truth), "cer": counts["char_errors"] / max(counts["chars"], 1),
-               "wer": counts["word_errors"] / max(counts["words"], 1), **counts}
+    scores, _ = score(tokenizer, [(i, truth[i], text) for i, text in kept.items()])
+    quality = {"kept": len(kept), "of": len(truth), **scores}
     (output / "quality.json").write_text(json.dumps(quality, indent=1) + "\n")
     run([PY, "-m", "data_tools", "make-shards", "--input", str(manifest), "--output", str(output / "shards"),
          "--max-count", "50", "--quiet", "--overwrite"], output / "shards.log")
@@ -314,41 +312,40 @@ def plan_jobs(args: argparse.Namespace, out: Path, data: Path) -> list[Job]:
                              *device, *args.pretrain_override], pre_updates)]
     recipes = {"pretrained": ("configs/finetune/small_data_ctc.yaml", f"pretrained={out / 'pretrain'}", ["pretrain"]),
                "random": ("configs/finetune/scratch_ctc.yaml", f"pretrained=scratch:{model}", [])}
+    def finetuning(name: str, init: str, shards: list[Path], seed: int, labels: str, max_updates: int, workers: int,
+                   overrides: list[str], after: list[str], facts: dict) -> Job:
+        config, source, _ = recipes[init]
+        command = [f"data.shards=[{','.join(map(str, shards))}]", f"valid_shards=[{data / 'dev'}]",
+                   f"trainer.output_dir={out / name}", f"trainer.seed={seed}", f"data.seed={seed}",
+                   f"trainer.max_updates={max_updates}", f"trainer.validate_every={every}",
+                   f"trainer.checkpoint_every={every * 2}", "trainer.threads=1", f"data.num_workers={workers}",
+                   *device, *overrides]
+        if quick and init == "pretrained":
+            command += ["freeze_updates.frontend=2", "freeze_updates.context=2"]
+        return Job(name, [PY, "-m", "finetune", "--config", config, source, *command], max_updates, after,
+                   {"init": init, "labels": labels, "seed": seed, **facts})
+
     runs = [Variant("", init, labels, args.seeds if labels == "10%" else 1, [])
             for init in args.inits for labels in ("10%", "100%")] + [v for v in args.variant if v.init in args.inits]
     for variant in runs:
-        config, source, after = recipes[variant.init]
         shards = "train10" if variant.labels == "10%" else "train"
         for seed in range(1, variant.seeds + 1):
             name = f"{variant.init}_{shards}_seed{seed}" + (f"_{variant.name}" if variant.name else "")
-            overrides = [f"data.shards=[{data / shards}]", f"valid_shards=[{data / 'dev'}]",
-                         f"trainer.output_dir={out / name}", f"trainer.seed={seed}", f"data.seed={seed}",
-                         f"trainer.max_updates={updates[variant.labels]}", f"trainer.validate_every={every}",
-                         f"trainer.checkpoint_every={every * 2}", "trainer.threads=1",
-                         f"data.num_workers={1 if shards == 'train10' else 2}", *device, *variant.overrides]
-            if quick and variant.init == "pretrained":
-                overrides += ["freeze_updates.frontend=2", "freeze_updates.context=2"]
-            jobs.append(Job(name, [PY, "-m", "finetune", "--config", config, source, *overrides],
-                            updates[variant.labels], after,
-                            {"init": variant.init, "labels": variant.labels, "seed": seed, "variant": variant.name,
-                             "overrides": variant.overrides}))
+            jobs.append(finetuning(name, variant.init, [data / shards], seed, variant.labels,
+                                   updates[variant.labels], 1 if shards == "train10" else 2, variant.overrides,
+                                   recipes[variant.init][2],
+                                   {"variant": variant.name, "overrides": variant.overrides}))
     for st in args.self_train if "pretrained" in args.inits else []:
         for seed in range(1, args.seeds + 1):
             teacher, labels = f"pretrained_train10_seed{seed}", out / f"pseudo_{st.name}_seed{seed}"
             jobs.append(Job(labels.name, [PY, __file__, "--pseudo-label", str(out / teacher), str(data), str(labels),
                                           st.decoder, str(st.keep), "cpu" if quick else "auto"], 0, [teacher],
                             output=labels / "done.json"))
-            name = f"student_{st.name}_seed{seed}"
-            overrides = [f"data.shards=[{data / 'train10'},{labels / 'shards'}]", f"valid_shards=[{data / 'dev'}]",
-                         f"trainer.output_dir={out / name}", f"trainer.seed={seed}", f"data.seed={seed}",
-                         f"trainer.max_updates={updates['100%']}", f"trainer.validate_every={every}",
-                         f"trainer.checkpoint_every={every * 2}", "trainer.threads=1", "data.num_workers=2", *device]
-            if quick:
-                overrides += ["freeze_updates.frontend=2", "freeze_updates.context=2"]
-            jobs.append(Job(name, [PY, "-m", "finetune", "--config", recipes["pretrained"][0],
-                                   recipes["pretrained"][1], *overrides], updates["100%"], ["pretrain", labels.name],
-                            {"init": "pretrained", "labels": "10%", "seed": seed, "variant": f"self-train {st.name}",
-                             "overrides": [f"teacher: {teacher}, pseudo-labels {st.decoder}, keep {st.keep:g}"]}))
+            jobs.append(finetuning(f"student_{st.name}_seed{seed}", "pretrained", [data / "train10", labels / "shards"],
+                                   seed, "10%", updates["100%"], 2, [], ["pretrain", labels.name],
+                                   {"variant": f"self-train {st.name}",
+                                    "overrides": [f"teacher: {teacher}, pseudo-labels {st.decoder}, "
+                                                  f"keep {st.keep:g}"]}))
     return jobs
 
 

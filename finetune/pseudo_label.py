@@ -69,15 +69,20 @@ def confidence(log_probs: Tensor, frames: Tensor, blank: int) -> list[float]:
     return out
 
 
+def check_selection(min_confidence: float, keep_fraction: float) -> None:
+    """ValueError naming the option out of its range."""
+    if not 0 < keep_fraction <= 1:
+        raise ValueError(f"--keep-fraction must be in (0, 1], got {keep_fraction}")
+    if not 0 <= min_confidence <= 1:
+        raise ValueError(f"--min-confidence must be in [0, 1], got {min_confidence}")
+
+
 def select(rows: list[dict], min_confidence: float, keep_fraction: float) -> tuple[list[dict], list[dict]]:
     """``(kept, rejected)``: rejected rows get a ``reason``: ``empty`` (no transcript),
     ``low_confidence`` (under ``min_confidence``) or ``least_confident`` (outside the
     ``keep_fraction`` most confident of the rest; ties kept in input order). Both lists keep the
     input order."""
-    if not 0 < keep_fraction <= 1:
-        raise ValueError(f"--keep-fraction must be in (0, 1], got {keep_fraction}")
-    if not 0 <= min_confidence <= 1:
-        raise ValueError(f"--min-confidence must be in [0, 1], got {min_confidence}")
+    check_selection(min_confidence, keep_fraction)
     reasons: dict[int, str] = {}
     for i, row in enumerate(rows):
         if not row["text"].strip():
@@ -112,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         if target.suffix.lower() != ".tsv":
             raise ValueError(f"--output {args.output}: the manifest to write must be a .tsv file")
-        select([], args.min_confidence, args.keep_fraction)  # the options, checked before the model runs
+        check_selection(args.min_confidence, args.keep_fraction)
         windows = window_options(args)
         check_inputs(args.inputs, args.output)
         model, device = load_model(args.model, args.device)
@@ -143,7 +148,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     kept, rejected = select(rows, args.min_confidence, args.keep_fraction)
-    fields = ["id", "path", "text", "speaker", "confidence", *extra_fields]
+    fields = [*STANDARD_FIELDS, *extra_fields]
     target.parent.mkdir(parents=True, exist_ok=True)
     _write_tsv(target, kept, fields)
     _write_tsv(target.with_name(target.stem + REJECTED_SUFFIX), rejected, [*fields, "reason"])
