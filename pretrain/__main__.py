@@ -30,9 +30,10 @@ def check_config(config):
     from pathlib import Path
 
     from speechssl.config import ConfigError
+    from speechssl.models.loading import NAMED_SOURCES
     from speechssl.training.job import check_job
 
-    if config.init and not config.init.startswith(("hf:", "ta:", "scratch:")) and not Path(config.init).exists():
+    if config.init and not config.init.startswith(NAMED_SOURCES) and not Path(config.init).exists():
         raise ConfigError(f"init: {config.init} does not exist (a model file or run folder, hf:NAME, a Hugging Face "
                           "folder or ta:BUNDLE)")
     check_job(config.data, config.valid_shards, config.trainer)

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from speechssl.config import check, to_dict
 from speechssl.models.config import ModelConfig, load_model_config
-from speechssl.models.encoder import SpeechEncoder
+from speechssl.models.encoder import ENCODER_PARTS, SpeechEncoder
 from speechssl.models.freezing import check_schedule, frozen_modules
 
 FORMAT = "speechssl.CTCModel"
@@ -54,7 +54,7 @@ class CTCModel(SpeechEncoder):
         (dropouts, masking; the same shapes), else ``encoder.config``."""
         model = cls(config or encoder.config, vocab_size, **kwargs)
         shared = {k: v for k, v in encoder.state_dict().items()
-                  if k.startswith(("feature_extractor.", "frontend.", "context."))}
+                  if k.startswith(ENCODER_PARTS)}
         missing, _ = model.load_state_dict(shared, strict=False)
         fresh = sorted({k.split(".")[0] for k in missing})
         if fresh != ["lm_head"]:

@@ -26,6 +26,11 @@ def receptive_field_of(config: ModelConfig) -> int:
     return (FbankExtractor(config.extractor) if fbank else FeatureExtractor(config.extractor)).receptive_field
 
 
+# The state-dict prefixes of the encoder every speechssl model of one architecture shares (what a
+# CTC model takes from a pretrained one, and what must fit when weights move between models).
+ENCODER_PARTS = ("feature_extractor.", "frontend.", "context.")
+
+
 class SpeechEncoder(nn.Module):
     """Extractor, frontend and context network built from a :class:`ModelConfig`."""
 

@@ -1,7 +1,7 @@
 """A model named the way every command names one: a run folder, a model file, ``hf:NAME_OR_PATH``
 or a Hugging Face folder, ``ta:BUNDLE``, or ``scratch:MODEL_CONFIG``.
 
-    model = speechssl.load("runs/ctc")             # a CTCModel: model.transcribe("a.wav")
+    model = speechssl.load("runs/ctc")             # a fine-tuning run: its CTCModel
     model = speechssl.load("hf:facebook/wav2vec2-base")  # a Wav2Vec2Model (pretraining parts fresh)
     model = speechssl.load("ta:WAV2VEC2_ASR_BASE_960H")  # a CTCModel with the bundle's labels
 
@@ -30,8 +30,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from speechssl.models.encoder import SpeechEncoder
+from speechssl.models.encoder import ENCODER_PARTS, SpeechEncoder
 
+NAMED_SOURCES = ("hf:", "ta:", "scratch:")  # sources that are not paths
 SOURCES = "a run folder with model.pt, a model file, hf:NAME or a Hugging Face folder, or ta:BUNDLE"
 
 
@@ -75,7 +76,7 @@ def from_bundle(name: str) -> SpeechEncoder:
     normalize = hasattr(ta_model, "normalize_waveform") and ta_model.normalize_waveform
     ta_model = getattr(ta_model, "model", ta_model)  # the wrapper of bundles that normalise the waveform
     labels = bundle.get_labels() if hasattr(bundle, "get_labels") else None
-    model = from_torchaudio(ta_model, labels=labels) if labels else from_torchaudio(ta_model)
+    model = from_torchaudio(ta_model, labels=labels or None)
     if labels:
         model.normalize_audio = bool(normalize)
     return model
@@ -134,9 +135,6 @@ class WeightTransfer:
                 f"not used: {', '.join(self.unused) or 'nothing'}")
 
 
-ENCODER = ("feature_extractor.", "frontend.", "context.")  # what every speechssl model of one architecture shares
-
-
 def _parts(keys: set[str]) -> list[str]:
     """The module paths of state-dict keys, one level below the top (``frontend.masker``) or the
     top one where that is the whole module (``quantizer``), each once."""
@@ -153,8 +151,8 @@ def take_weights(model: nn.Module, source: nn.Module, where: str = "the source")
     target, given = model.state_dict(), source.state_dict()
     differ = {k for k in target.keys() & given.keys() if target[k].shape != given[k].shape}
     clashes = [f"{k} {tuple(given[k].shape)} (the model's {tuple(target[k].shape)})"
-               for k in sorted(differ) if k.startswith(ENCODER)]
-    homeless = sorted(k for k in given.keys() - target.keys() if k.startswith(ENCODER))
+               for k in sorted(differ) if k.startswith(ENCODER_PARTS)]
+    homeless = sorted(k for k in given.keys() - target.keys() if k.startswith(ENCODER_PARTS))
     if clashes or homeless:
         detail = (f"{len(clashes)} encoder tensor(s) differ in shape, e.g. {'; '.join(clashes[:3])}" if clashes
                   else f"{len(homeless)} of its encoder's tensors have no place in the model, e.g. "
