@@ -80,3 +80,14 @@ def padded_batch() -> tuple[torch.Tensor, torch.Tensor]:
     waves = torch.randn(3, 16000)
     waves[torch.arange(16000) >= lengths[:, None]] = 0.0
     return waves, lengths
+
+
+@torch.no_grad()
+def randomize_batch_norm_statistics(model: torch.nn.Module) -> None:
+    """Running means around 0 and variances in [0.5, 1.5]: BatchNorm statistics that matter, so a
+    buffer mapped to the wrong place or dropped in an export cannot go unnoticed."""
+    for name, buffer in model.named_buffers():
+        if name.endswith("running_mean"):
+            buffer.normal_(0.0, 0.1)
+        elif name.endswith("running_var"):
+            buffer.uniform_(0.5, 1.5)

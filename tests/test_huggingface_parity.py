@@ -17,7 +17,7 @@ from speechssl import Wav2Vec2Model, load_model_config
 from speechssl.interop.huggingface import from_huggingface, to_huggingface
 from speechssl.models.ctc import CTCModel
 from speechssl.objectives.negatives import Negatives
-from tests.conftest import REPO
+from tests.conftest import REPO, randomize_batch_norm_statistics
 
 GROUPS, VARS, CODE_DIM, PROJ_DIM, NEGATIVES = 2, 16, 32, 24, 12
 KINDS = ["transformer-base", "transformer-large", "conformer-relative", "conformer-rotary", "conformer-none"]
@@ -50,11 +50,7 @@ def _hf_model(kind: str, head: str = "ForPreTraining") -> torch.nn.Module:
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
-        for name, buffer in model.named_buffers():
-            if name.endswith("running_mean"):
-                buffer.normal_(0.0, 0.1)
-            elif name.endswith("running_var"):
-                buffer.uniform_(0.5, 1.5)
+    randomize_batch_norm_statistics(model)
     return model
 
 

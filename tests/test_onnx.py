@@ -11,9 +11,6 @@ import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("onnxruntime")
-pytest.importorskip("onnxscript")
-
 from finetune.decoding import greedy_decode
 from finetune.tokenizer import CharTokenizer
 from speechssl import Wav2Vec2Model, load_model_config
@@ -23,8 +20,8 @@ from speechssl.features import LayerFeatures
 from speechssl.interop.onnx import OnnxExportError, OnnxModel, export_onnx, run_onnx
 from speechssl.models.context import ContextNetwork, ContextOutput, registered_contexts
 from speechssl.models.ctc import CTCModel
+from tests.conftest import REPO, randomize_batch_norm_statistics
 
-REPO = Path(__file__).resolve().parent.parent
 TOLERANCE = 1e-3  # fp32, absolute, on valid frames
 # (lengths of a padded batch): two batch sizes, two lengths (neither the export's example)
 BATCHES = [[24_000, 17_777, 9_001], [13_120]]
@@ -42,11 +39,7 @@ def _perturbed(model: torch.nn.Module) -> torch.nn.Module:
         for name, p in model.named_parameters():
             if name.endswith("bias") or "norm" in name:
                 p.add_(0.1 * torch.randn_like(p))
-        for name, b in model.named_buffers():
-            if name.endswith("running_mean"):
-                b.normal_(0, 0.1)
-            elif name.endswith("running_var"):
-                b.uniform_(0.5, 1.5)
+    randomize_batch_norm_statistics(model)
     return model
 
 
