@@ -257,8 +257,8 @@ def pseudo_label(teacher: Path, data: Path, output: Path, decoder: str, keep: fl
     """The teacher's averaged model labels ``train90`` (greedy, or with the LM of the 10% subset's
     transcripts tuned on dev); the manifest, its quality against the true transcripts
     (``quality.json``) and its shards in ``output``, ``index.json`` last."""
-    from finetune.tokenizer import tokenizer_from_dict
     from finetune.transcribe import score
+    from speechssl.asr.tokenizer import tokenizer_from_dict
     from speechssl.data.manifest import read_source
     from speechssl.models.ctc import load_ctc_model
 
@@ -360,8 +360,9 @@ def save_emissions(run_dir: Path, data: Path, device: str) -> None:
     """The dev halves' emissions of the run's best.pt and averaged.pt (one process per run)."""
     from collections import Counter
 
-    from finetune.emissions import Emissions
-    from finetune.transcribe import emissions, load_model
+    from finetune.transcribe import load_model
+    from speechssl.asr.emissions import Emissions
+    from speechssl.asr.inference import emissions
     from speechssl.data.inputs import read_utterances
 
     for model_name in ("best", "averaged"):

@@ -30,8 +30,8 @@ sys.path.insert(0, str(REPO))
 
 
 def tiny_ctc_model(path: Path) -> None:
-    from finetune.tokenizer import CharTokenizer
     from speechssl import load_model_config
+    from speechssl.asr.tokenizer import CharTokenizer
     from speechssl.models.ctc import CTCModel
 
     torch.manual_seed(0)

@@ -69,7 +69,7 @@ def make_tokenizer(config, shardset, rank: int):
     """Characters from the shard indexes; or BPE: the given SentencePiece model, or one that rank 0
     trains on the training transcripts and writes to ``output_dir/tokenizer.model``, which the
     other ranks, and a resumed run, read."""
-    from finetune.tokenizer import BpeTokenizer, CharTokenizer
+    from speechssl.asr.tokenizer import BpeTokenizer, CharTokenizer
     from speechssl.training.distributed import barrier
 
     c = config.tokenizer
@@ -109,7 +109,7 @@ def train(config, encoder) -> dict:
 
 def describe_model(config, encoder) -> str:
     """The plan's model line: the encoder taken from ``pretrained`` and the CTC head."""
-    from finetune.tokenizer import BpeTokenizer, CharTokenizer
+    from speechssl.asr.tokenizer import BpeTokenizer, CharTokenizer
     from speechssl.data.shardset import ShardSet
 
     kept = ("feature_extractor.", "frontend.", "context.")  # what fine-tuning takes from the encoder

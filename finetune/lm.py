@@ -22,10 +22,19 @@ from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
-from finetune.beam import ARPA, LEXICON, SETTINGS, BeamDecoder, DecoderSettings, LanguageModel, spell, write_lexicon
 from finetune.ngram import KneserNey
-from finetune.tokenizer import WORD, CharTokenizer, fold_case
 from finetune.transcribe import model_or_emissions
+from speechssl.asr.beam import (
+    ARPA,
+    LEXICON,
+    SETTINGS,
+    BeamDecoder,
+    DecoderSettings,
+    LanguageModel,
+    spell,
+    write_lexicon,
+)
+from speechssl.asr.tokenizer import WORD, CharTokenizer, fold_case
 
 
 def read_texts(sources: list[str]) -> Iterator[str]:
@@ -77,8 +86,8 @@ def tune(tokenizer, blank: int, batches, lm_dir: str, grid: dict[str, list[float
     unreadable inputs, recorded with them."""
     from itertools import product
 
-    from finetune.decoding import penalize_blank
-    from finetune.transcribe import greedy_decoder, score
+    from finetune.transcribe import score
+    from speechssl.asr.decoding import GreedyDecoder, penalize_blank
 
     cached = list(batches)
     if any(u.text is None for batch, _, _ in cached for u in batch):
@@ -90,7 +99,7 @@ def tune(tokenizer, blank: int, batches, lm_dir: str, grid: dict[str, list[float
         hyps = [h for _, log_probs, frames in cached for h in decoder(log_probs, frames)]
         return score(tokenizer, [(i, t, h) for (i, t), h in zip(texts, hyps, strict=True)])[0]
 
-    greedy = run(greedy_decoder(tokenizer, blank))
+    greedy = run(GreedyDecoder(tokenizer, blank))
     results = []
     names = ("lm_weight", "word_score", "blank_penalty")
     for weight, bonus in product(grid["lm_weight"], grid["word_score"]):
@@ -124,8 +133,8 @@ def run(args: argparse.Namespace) -> int:
         if args.command == "build-lm":
             tokenizer = None
             if args.model:
-                from finetune.tokenizer import tokenizer_from_dict
                 from finetune.transcribe import load_model
+                from speechssl.asr.tokenizer import tokenizer_from_dict
 
                 tokenizer = tokenizer_from_dict(load_model(args.model, "cpu")[0].tokenizer)
             print(json.dumps(build_lm(args.sources, args.output, args.order, args.case, tokenizer)))

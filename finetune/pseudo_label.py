@@ -33,12 +33,12 @@ from torch import Tensor
 from finetune.transcribe import (
     _partial,
     check_inputs,
-    emissions,
     load_model,
     make_decoder,
     read_inputs,
     window_options,
 )
+from speechssl.asr.inference import emissions
 
 REJECTED_SUFFIX = ".rejected.tsv"
 STANDARD_FIELDS = ("id", "path", "text", "speaker", "confidence")
@@ -111,7 +111,7 @@ def _write_tsv(path: Path, rows: list[dict], fields: list[str]) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """``speechssl pseudo-label``: the exit status."""
-    from finetune.tokenizer import tokenizer_from_dict
+    from speechssl.asr.tokenizer import tokenizer_from_dict
 
     target = Path(args.output)
     try:

@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from finetune.config import FinetuneConfig
-from finetune.decoding import error_counts, greedy_decode
-from finetune.tokenizer import Tokenizer
+from speechssl.asr.decoding import error_counts, greedy_decode
+from speechssl.asr.tokenizer import Tokenizer
 from speechssl.config import to_dict
 from speechssl.data.loader import AudioBatch
 from speechssl.device import to_device

@@ -12,7 +12,7 @@ be read are skipped, counted and listed with their reason on stderr; evaluation 
 used unless ``--lm-weight``/``--word-score``/``--blank-penalty`` are given) or an ARPA file.
 ``--blank-penalty`` is subtracted from the blank's log-probability before decoding (icefall's
 ``blank_penalty``): above 0 it trades deletions for insertions. ``emissions`` saves the model's
-log-probabilities over DATA (:mod:`finetune.emissions`), which ``evaluate --emissions`` and
+log-probabilities over DATA (:mod:`speechssl.asr.emissions`), which ``evaluate --emissions`` and
 ``tune-lm --emissions`` decode without the model.
 
 A recording longer than ``--max-seconds`` (60) runs in windows of ``--window-seconds`` (30)
@@ -20,142 +20,30 @@ overlapping by ``--overlap-seconds`` (4), as ``speechssl.extract`` does: each wi
 frames nearest its centre, stitched into the single pass's frames, so memory is bounded by the
 window whatever the recording's length; how many were windowed is reported on stderr. Utterances
 shorter than the model's receptive field are skipped and counted (``too_short``).
-``transcribe --output`` is written to a temporary file next to it and renamed when every input
-has been read and decoded; an output that is one of the inputs is refused.
+``transcribe --timestamps word|char|all`` writes JSON lines (id, text, seconds, and ``words``
+and/or ``chars``: ``{"text", "start", "end"}`` in seconds, :mod:`speechssl.asr.timestamps`) in
+place of ``id<TAB>text``. ``transcribe --output`` is written to a temporary file next to it and
+renamed when every input has been read and decoded; an output that is one of the inputs is
+refused. MODEL is anything :func:`speechssl.load` takes that is a CTC model (a file, a fine-tuning
+run folder, ``hf:NAME``, ``ta:BUNDLE``); transcription runs through the code of
+``CTCModel.transcribe`` (:mod:`speechssl.asr.transcriber`).
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
-import math
 import os
 import sys
 from collections import Counter
-from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from collections.abc import Iterator
 from pathlib import Path
 
-import torch
-from torch import Tensor
-
-from speechssl.data.audio import normalize_audio, pad_waveforms
-from speechssl.data.inputs import SAMPLE_RATE, Utterance, batches, read_utterances
+from speechssl.asr.decoding import Decoder, GreedyDecoder
+from speechssl.asr.inference import Windows, emissions
+from speechssl.data.inputs import Utterance, read_utterances
 from speechssl.device import pick_device
-from speechssl.features import LayerFeatures, min_input_samples, window_batches
-
-Decoder = Callable[[Tensor, Tensor], list[str]]  # (log_probs (B, T, V), frames (B,)) -> texts
-
-
-@dataclass(frozen=True)
-class Windows:
-    """Recordings longer than ``max_seconds`` run in windows of ``window_seconds`` overlapping by
-    ``overlap_seconds`` (``speechssl.extract``'s options and defaults)."""
-
-    max_seconds: float = 60.0
-    window_seconds: float = 30.0
-    overlap_seconds: float = 4.0
-
-    def __post_init__(self) -> None:
-        for name, value in asdict(self).items():
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-                raise ValueError(f"--{name.replace('_', '-')} must be a positive number of seconds, got {value!r}")
-        if self.overlap_seconds >= self.window_seconds:
-            raise ValueError(f"--overlap-seconds ({self.overlap_seconds:g}) must be less than --window-seconds "
-                             f"({self.window_seconds:g})")
-
-
-class WindowedCTC:
-    """A CTC model's logits over one long recording, computed in overlapping windows and
-    stitched: ``audio (S,)`` -> ``(T, V)`` with T the single pass's frames, in memory bounded by
-    ``batch_windows`` windows. The plan is :meth:`LayerFeatures.window_plan`'s (each window keeps
-    its frames up to the middle of its overlaps), and the extractor normalises every window with
-    the whole recording's statistics as :meth:`LayerFeatures.windowed` does, so only the context
-    network's reach beyond a window differs from one pass.
-
-    Window and overlap are rounded down to whole output frames (the overlap to an even number,
-    so that each cut falls on a frame); the overlap must cover twice the receptive field."""
-
-    def __init__(self, model, windows: Windows, batch_windows: int = 4):
-        self.model, self.batch_windows, self.max_seconds = model, batch_windows, windows.max_seconds
-        self.features = LayerFeatures(model, "last")
-        context = model.config.context
-        # The Zipformer's output may run at a lower rate than the extractor's frames, and its
-        # stacks downsample in groups of frames: windows start where the single pass starts a group.
-        self.factor = getattr(context, "output_downsampling_factor", 1)
-        self.frame = self.features.stride * self.factor  # samples per output frame
-        self.unit = self.features.stride * math.lcm(self.factor, *getattr(context, "downsampling_factor", [1]))
-        self.window = int(windows.window_seconds * SAMPLE_RATE) // self.unit * self.unit
-        self.overlap = int(windows.overlap_seconds * SAMPLE_RATE) // (2 * self.unit) * (2 * self.unit)
-        least = max(2 * model.feature_extractor.receptive_field, 2 * self.unit)
-        if not least <= self.overlap < self.window:
-            raise ValueError(f"--overlap-seconds {windows.overlap_seconds:g} and --window-seconds "
-                             f"{windows.window_seconds:g}: this model needs an overlap of at least "
-                             f"{least / SAMPLE_RATE:g} s and a window longer than the overlap")
-
-    @torch.no_grad()
-    def __call__(self, audio: Tensor) -> Tensor:
-        """``audio (S,)`` float32 on the model's device -> logits ``(T, V)``."""
-        model, features = self.model, self.features
-        plan = features.window_plan(audio.shape[-1], self.window, self.overlap)
-        pieces, per_utterance = [], model.extract_per_utterance
-        with features.recording_statistics(audio, plan) as norm_hooked:
-            if norm_hooked:
-                model.extract_per_utterance = False  # the norm module itself runs, so its hook applies
-            try:
-                for first, group, waves, lengths in window_batches(audio, plan, self.batch_windows):
-                    logits, frames = model(waves, lengths)
-                    for row, (start, _, keep_from, keep_to) in enumerate(group):
-                        offset = start // self.frame
-                        # The last window runs to the recording's end: its frames are the single pass's last.
-                        end = int(frames[row]) if first + row == len(plan) - 1 else keep_to // self.factor - offset
-                        pieces.append(logits[row, keep_from // self.factor - offset: end])
-            finally:
-                model.extract_per_utterance = per_utterance
-        return torch.cat(pieces)
-
-
-def emissions(model, utterances: Iterator[Utterance], device: torch.device, max_seconds: float = 300.0,
-              windows: Windows | None = Windows()) -> Iterator[tuple[list[Utterance], Tensor, Tensor]]:
-    """Batches of ``(utterances, log_probs (B, T, V) float32 on the CPU, frames (B,))``, in input
-    order, batched by padded audio length. Each utterance's output does not depend on what it is
-    batched with. An utterance longer than ``windows.max_seconds`` is a batch of its own, run
-    through :class:`WindowedCTC` (its audio normalised in place when the model normalises);
-    ``windows=None`` runs everything in one pass. The windows are checked against the model here,
-    before any utterance is read."""
-    model.eval().to(device)
-    model.extract_per_utterance = True
-    windowed = WindowedCTC(model, windows) if windows is not None else None
-    return _emissions(model, utterances, device, max_seconds, windowed)
-
-
-@torch.no_grad()
-def _emissions(model, utterances: Iterator[Utterance], device: torch.device, max_seconds: float,
-               windowed: WindowedCTC | None) -> Iterator[tuple[list[Utterance], Tensor, Tensor]]:
-    limit = windowed.max_seconds * SAMPLE_RATE if windowed is not None else math.inf
-    count = 0
-    for long, group in itertools.groupby(utterances, key=lambda u: len(u.audio) > limit):
-        if long:
-            for utt in group:
-                audio = torch.from_numpy(utt.audio)
-                if model.normalize_audio:  # as normalize_audio, in place: no second copy of a long recording
-                    var, mean = torch.var_mean(audio, correction=0)
-                    audio.sub_(mean).div_(torch.sqrt(var + 1e-5))
-                log_probs = windowed(audio.to(device)).float().log_softmax(-1).cpu()
-                count += 1
-                yield [utt], log_probs[None], torch.tensor([len(log_probs)])
-            continue
-        for batch in batches(group, max_seconds):
-            # normalised as in training (data.normalize)
-            waves, lengths = pad_waveforms([normalize_audio(u.audio) if model.normalize_audio else u.audio
-                                            for u in batch])
-            logits, frames = model(waves.to(device), lengths)
-            yield batch, logits.float().log_softmax(-1).cpu(), frames.cpu()
-    if count:
-        print(f"windowed {count} recording(s) longer than {windowed.max_seconds:g} s (windows of "
-              f"{windowed.window / SAMPLE_RATE:g} s overlapping by {windowed.overlap / SAMPLE_RATE:g} s)",
-              file=sys.stderr)
+from speechssl.features import min_input_samples
 
 
 def check_inputs(inputs: list[str], output: str | None = None) -> None:
@@ -180,36 +68,30 @@ def read_inputs(inputs: list[str], skipped: Counter, model) -> Iterator[Utteranc
     return read_utterances(inputs, skipped, min_samples=min_input_samples(model))
 
 
-def greedy_decoder(tokenizer, blank: int, blank_penalty: float = 0.0) -> Decoder:
-    from finetune.decoding import greedy_decode, penalize_blank
-
-    def decode(log_probs: Tensor, frames: Tensor) -> list[str]:
-        best = greedy_decode(penalize_blank(log_probs, blank, blank_penalty), frames, blank)
-        return [tokenizer.decode(ids) for ids in best]
-
-    return decode
-
-
 def load_model(path: str, device: str):
-    from speechssl.models.ctc import load_ctc_model
+    """The CTC model ``path`` names (anything :func:`speechssl.load` takes) and the device to run it on."""
+    from speechssl.models.ctc import CTCModel
+    from speechssl.models.loading import load
 
-    model = load_ctc_model(path)
+    model = load(path)
+    if not isinstance(model, CTCModel):
+        raise ValueError(f"{path} is a {type(model).__name__}, not a CTC model: fine-tune it first "
+                         "(speechssl finetune)")
     if model.tokenizer is None:
         raise ValueError(f"{path} has no tokenizer (it was not written by the fine-tuning job)")
-    chosen = pick_device(device)
-    return model, chosen
+    return model, pick_device(device)
 
 
 def make_decoder(args: argparse.Namespace, tokenizer, blank: int) -> tuple[Decoder, dict]:
     """The decoder the options ask for, and its settings (to report with the scores)."""
-    from finetune.beam import BeamDecoder, DecoderSettings, LanguageModel
+    from speechssl.asr.beam import BeamDecoder, DecoderSettings, LanguageModel
 
     kind = args.decoder or ("beam" if args.lm else "greedy")
     if kind == "greedy":
         if args.lm or args.lexicon:
             raise ValueError("--lm and --lexicon need --decoder beam")
         penalty = args.blank_penalty or 0.0
-        return greedy_decoder(tokenizer, blank, penalty), {"decoder": "greedy", "blank_penalty": penalty}
+        return GreedyDecoder(tokenizer, blank, penalty), {"decoder": "greedy", "blank_penalty": penalty}
     if args.lexicon and not args.lm:
         raise ValueError("--lexicon needs --lm (a lexicon-free beam search uses no lexicon)")
     lm = LanguageModel.load(args.lm, args.lexicon) if args.lm else None
@@ -225,8 +107,8 @@ def model_or_emissions(args: argparse.Namespace):
     """``(tokenizer, blank, batches, skipped)`` for the evaluation and tuning commands: the model
     run over the data, or the saved emissions of ``--emissions`` decoded without a model. Batches
     are ``(utterances, log_probs (B, T, V), frames (B,))``; ``skipped`` fills as they are read."""
-    from finetune.emissions import load_emissions
-    from finetune.tokenizer import tokenizer_from_dict
+    from speechssl.asr.emissions import load_emissions
+    from speechssl.asr.tokenizer import tokenizer_from_dict
 
     if args.emissions:
         if args.model or args.data:
@@ -249,7 +131,7 @@ def window_options(args: argparse.Namespace) -> Windows:
 
 def score(tokenizer, rows: list[tuple[str, str, str]]) -> tuple[dict, list[str]]:
     """WER and CER of ``(id, text, hypothesis)`` rows; the references in the model's case and spacing."""
-    from finetune.decoding import error_counts
+    from speechssl.asr.decoding import error_counts
 
     references = [tokenizer.decode(tokenizer.encode(text)) for _, text, _ in rows]
     counts = error_counts(references, [h for _, _, h in rows])
@@ -259,7 +141,7 @@ def score(tokenizer, rows: list[tuple[str, str, str]]) -> tuple[dict, list[str]]
 
 
 def save_emissions(args: argparse.Namespace) -> int:
-    from finetune.emissions import Emissions
+    from speechssl.asr.emissions import Emissions
 
     windows = window_options(args)
     check_inputs(args.data, args.output)
@@ -296,6 +178,17 @@ def write_scores(folder: Path, rows: list[tuple[str, str, str]], references: lis
     (folder / "scores.json").write_text(json.dumps(scores, indent=1) + "\n")
 
 
+TIMESTAMP_CHOICES = {None: False, "word": "word", "char": "char", "all": True}  # --timestamps -> transcribe's
+
+
+def transcript_line(utt: Utterance, transcript, timestamps: bool | str) -> str:
+    """``id<TAB>text``, or with timestamps a JSON line: id, text, seconds and the spans."""
+    if not timestamps:
+        return f"{utt.id}\t{transcript.text}"
+    fields = {k: v for k, v in transcript.to_dict().items() if k != "notes"}
+    return json.dumps({"id": utt.id, **fields}, ensure_ascii=False)
+
+
 def main(argv: list[str]) -> int:
     """``python -m finetune transcribe|evaluate|emissions ...``: ``speechssl transcribe|evaluate|emissions``,
     whose arguments are defined in :mod:`speechssl_cli.decoding`."""
@@ -307,7 +200,7 @@ def main(argv: list[str]) -> int:
 def run(args: argparse.Namespace) -> int:
     """Transcribe, evaluate or save emissions (``args.command``) as the parsed arguments say; the
     exit status."""
-    from finetune.tokenizer import tokenizer_from_dict
+    from speechssl.asr.transcriber import transcribe_utterances
 
     try:
         if args.command == "emissions":
@@ -316,12 +209,15 @@ def run(args: argparse.Namespace) -> int:
             windows = window_options(args)
             check_inputs(args.inputs, args.output)
             model, device = load_model(args.model, args.device)
-            tokenizer, blank = tokenizer_from_dict(model.tokenizer), model.blank
+            decoder, settings = make_decoder(args, model.text_tokenizer, model.blank)
             skipped: Counter = Counter()
-            source = emissions(model, read_inputs(args.inputs, skipped, model), device, args.batch_seconds, windows)
+            timestamps = TIMESTAMP_CHOICES[args.timestamps]
+            lines = (transcript_line(utt, transcript, timestamps) for utt, transcript in transcribe_utterances(
+                model, read_inputs(args.inputs, skipped, model), device, decoder, args.batch_seconds, windows,
+                timestamps))
         else:
             tokenizer, blank, source, skipped = model_or_emissions(args)
-        decoder, settings = make_decoder(args, tokenizer, blank)
+            decoder, settings = make_decoder(args, tokenizer, blank)
     except (FileNotFoundError, ValueError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -335,11 +231,13 @@ def run(args: argparse.Namespace) -> int:
         partial = _partial(target)
     out = partial.open("w") if partial is not None else sys.stdout
     try:
+        if args.command == "transcribe":
+            for line in lines:
+                print(line, file=out, flush=True)
+            source = []
         for batch, log_probs, frames in source:
             for utt, hypothesis in zip(batch, decoder(log_probs, frames), strict=True):
-                if args.command == "transcribe":
-                    print(f"{utt.id}\t{hypothesis}", file=out, flush=True)
-                elif utt.text is None:
+                if utt.text is None:
                     print(f"error: {utt.id} has no transcript; evaluate needs labelled data", file=sys.stderr)
                     return 2
                 else:

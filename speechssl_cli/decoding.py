@@ -84,7 +84,7 @@ the validated models a run kept with trainer.average_models.
 
 
 def add_windows(parser: argparse.ArgumentParser) -> None:
-    """Long recordings run in overlapping windows (``finetune.transcribe.Windows``'s defaults)."""
+    """Long recordings run in overlapping windows (``speechssl.asr.inference.Windows``'s defaults)."""
     parser.add_argument("--max-seconds", type=float, default=60.0,
                         help="longer recordings run in overlapping windows")
     parser.add_argument("--window-seconds", type=float, default=30.0, help="window length")
@@ -123,9 +123,12 @@ def add_source(parser: argparse.ArgumentParser) -> None:
 
 def add_transcribe(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(command="transcribe")
-    parser.add_argument("model", help="a fine-tuned model file (model.pt or best.pt of a fine-tuning run)")
+    parser.add_argument("model", help="a CTC model: a fine-tuned model file (model.pt or best.pt), a fine-tuning "
+                                      "run folder, hf:NAME or ta:BUNDLE")
     parser.add_argument("inputs", nargs="+", help="audio files, directories, manifests or shard directories")
     parser.add_argument("--output", help="write id<TAB>transcript lines here instead of stdout")
+    parser.add_argument("--timestamps", choices=("word", "char", "all"),
+                        help="write JSON lines with word and/or character times (seconds) from the CTC alignment")
     add_model_run(parser)
     add_decoder(parser)
 

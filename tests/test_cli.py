@@ -134,7 +134,7 @@ def test_shard_and_window_defaults_are_the_libraries() -> None:
     from dataclasses import asdict
 
     from data_tools.shards import ShardOptions
-    from finetune.transcribe import Windows
+    from speechssl.asr.inference import Windows
 
     parsers = dict(_every_parser())
     for name, schema in (("data make-shards", ShardOptions()), ("data synth", ShardOptions()),

@@ -7,10 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from finetune.beam import BeamDecoder, DecoderSettings, LanguageModel, read_lexicon
 from finetune.lm import build_lm
 from finetune.ngram import EOS, UNK, KneserNey
-from finetune.tokenizer import CharTokenizer
+from speechssl.asr.beam import BeamDecoder, DecoderSettings, LanguageModel, read_lexicon
+from speechssl.asr.decoding import GreedyDecoder
+from speechssl.asr.tokenizer import CharTokenizer
 
 TEXT = ["THE CAT SAT", "THE CAT RAN", "A CAT SAT ON THE MAT", "THE DOG SAT", "THE CAT", "A DOG RAN",
         "THE CAT SAT ON A MAT", "SEE THE CAT"]
@@ -81,11 +82,10 @@ def cat_or_cab(tmp_path: Path) -> tuple[CharTokenizer, torch.Tensor, Path]:
 
 
 def test_the_lm_changes_the_best_path(cat_or_cab) -> None:
-    from finetune.transcribe import greedy_decoder
 
     tokenizer, emissions, lm_dir = cat_or_cab
     frames = torch.tensor([emissions.shape[1]])
-    assert greedy_decoder(tokenizer, 0)(emissions, frames) == ["THE CAB"]
+    assert GreedyDecoder(tokenizer, 0)(emissions, frames) == ["THE CAB"]
     assert BeamDecoder(tokenizer)(emissions, frames) == ["THE CAB"]  # no LM: the acoustics decide
     lm = LanguageModel.load(lm_dir)
     assert BeamDecoder(tokenizer, lm, DecoderSettings(lm_weight=0.0))(emissions, frames) == ["THE CAB"]
@@ -168,7 +168,7 @@ def test_validated_models_keep_the_best_or_the_last(tmp_path: Path, by: str) -> 
 
 def test_bpe_model_decodes_with_a_character_lexicon(cat_or_cab) -> None:
     """A build-lm folder made for characters: its words are re-spelled in the BPE model's pieces."""
-    from finetune.tokenizer import BpeTokenizer
+    from speechssl.asr.tokenizer import BpeTokenizer
 
     _, _, lm_dir = cat_or_cab
     tokenizer = BpeTokenizer.train(TEXT * 3 + ["THE CAB"], vocab_size=40)
@@ -186,23 +186,22 @@ def test_bpe_model_decodes_with_a_character_lexicon(cat_or_cab) -> None:
 def test_blank_penalty_brings_back_a_letter_the_blank_outweighed() -> None:
     """A frame where the blank narrowly beats "B": deleted at no penalty, decoded once the blank
     pays more than the margin, by the greedy and the beam decoder alike."""
-    from finetune.transcribe import greedy_decoder
 
     tokenizer = CharTokenizer.build(["AB"])
     frames = [{"A": 0.9}, {"<blank>": 0.55, "B": 0.44}, {"<blank>": 0.9}]
     emissions, lengths = _emissions(tokenizer, frames), torch.tensor([3])
     blank = tokenizer.blank
-    assert greedy_decoder(tokenizer, blank)(emissions, lengths) == ["A"]
-    assert greedy_decoder(tokenizer, blank, blank_penalty=0.5)(emissions, lengths) == ["AB"]
+    assert GreedyDecoder(tokenizer, blank)(emissions, lengths) == ["A"]
+    assert GreedyDecoder(tokenizer, blank, blank_penalty=0.5)(emissions, lengths) == ["AB"]
     assert BeamDecoder(tokenizer, settings=DecoderSettings(beam=1))(emissions, lengths) == ["A"]
     assert BeamDecoder(tokenizer, settings=DecoderSettings(beam=1, blank_penalty=0.5))(emissions, lengths) == ["AB"]
     untouched = emissions.clone()
-    greedy_decoder(tokenizer, blank, blank_penalty=0.5)(emissions, lengths)
+    GreedyDecoder(tokenizer, blank, blank_penalty=0.5)(emissions, lengths)
     assert torch.equal(emissions, untouched)  # the caller's emissions are not changed
 
 
 def test_emissions_files_round_trip_and_read_as_one_set(tmp_path: Path) -> None:
-    from finetune.emissions import Emissions, Row, load_emissions
+    from speechssl.asr.emissions import Emissions, Row, load_emissions
 
     tokenizer = CharTokenizer.build(["AB C"])
     torch.manual_seed(0)

@@ -165,8 +165,8 @@ def test_split_never_writes_over_its_input(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def ctc_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random tiny CTC model (tiny_transformer and a character head) saved as fine-tuning does."""
-    from finetune.tokenizer import CharTokenizer
     from speechssl import load_model_config
+    from speechssl.asr.tokenizer import CharTokenizer
     from speechssl.models.ctc import CTCModel
 
     torch.manual_seed(0)
@@ -228,7 +228,7 @@ def test_a_long_recording_runs_in_windows_with_the_single_pass_frames(ctc_model:
                                                                       capsys: pytest.CaptureFixture[str]) -> None:
     """40 s in windows of 8 s: the frames of one pass, log-probabilities close to it, reported."""
     from data_tools.synthetic import corpus_entries, render
-    from finetune.emissions import load_emissions
+    from speechssl.asr.emissions import load_emissions
     from speechssl.models.ctc import load_ctc_model
 
     speech = np.concatenate([render(**e.synth) for e in corpus_entries(0.005, num_speakers=1, seed=2)])

@@ -7,7 +7,7 @@ import torch
 
 from finetune.config import FinetuneConfig
 from finetune.task import _flatten
-from finetune.tokenizer import BpeTokenizer, CharTokenizer, tokenizer_from_dict
+from speechssl.asr.tokenizer import BpeTokenizer, CharTokenizer, tokenizer_from_dict
 from speechssl.config import ConfigError, build, to_dict
 from speechssl.models.config import load_model_config
 from speechssl.models.ctc import CTCModel

@@ -214,7 +214,7 @@ def test_bpe_tokenizer_is_trained_saved_with_the_model_and_decodes(finetuned: Pa
     assert done.returncode == 0, done.stderr[-3000:]
     model = load_ctc_model(out / "model.pt")
     assert model.tokenizer["type"] == "bpe" and model.blank == 0
-    from finetune.tokenizer import BpeTokenizer, tokenizer_from_dict
+    from speechssl.asr.tokenizer import BpeTokenizer, tokenizer_from_dict
 
     saved = tokenizer_from_dict(model.tokenizer)
     assert saved == BpeTokenizer.load(str(out / "tokenizer.model"))

@@ -13,10 +13,10 @@ import pytest
 import torch
 import transformers
 
-from finetune.decoding import greedy_decode
-from finetune.tokenizer import BpeTokenizer, CharTokenizer, tokenizer_from_dict
-from finetune.transcribe import emissions, greedy_decoder
 from speechssl import Wav2Vec2Model, load_model_config
+from speechssl.asr.decoding import greedy_decode
+from speechssl.asr.inference import emissions
+from speechssl.asr.tokenizer import BpeTokenizer, CharTokenizer
 from speechssl.data.inputs import Utterance
 from speechssl.interop.huggingface import from_huggingface, save_huggingface
 from speechssl.models.ctc import CTCModel
@@ -80,19 +80,17 @@ def _ctc_model(kind: str) -> CTCModel:
 
 
 def _ours(model: CTCModel, utts: list[Utterance]) -> list[str]:
-    """Our greedy transcripts, through the transcription CLI's own emissions (batched, padded)."""
+    """Our greedy transcripts (``model.transcribe``, batched and padded)."""
     return _greedy(model, utts)[0]
 
 
 def _greedy(model: CTCModel, utts: list[Utterance]) -> tuple[list[str], list[str]]:
-    """Our greedy transcripts, through the transcription CLI's own emissions (batched, padded), and
-    the same best paths written as Hugging Face's CTC tokenizer writes them: one space for each word
-    delimiter, so two where the path has two delimiters with only blanks between them (we write
-    one), the ends stripped."""
-    decode = greedy_decoder(tokenizer_from_dict(model.tokenizer), model.blank)
-    texts, hf_style = [], []
+    """Our greedy transcripts through ``model.transcribe``, and the same best paths written as
+    Hugging Face's CTC tokenizer writes them: one space for each word delimiter, so two where the
+    path has two delimiters with only blanks between them (we write one), the ends stripped."""
+    texts = [t.text for t in model.transcribe([u.audio for u in utts], windows=None)]
+    hf_style = []
     for _, log_probs, frames in emissions(model, iter(utts), torch.device("cpu"), windows=None):
-        texts += decode(log_probs, frames)
         hf_style += ["".join(" " if model.vocab[i] == "|" else model.vocab[i] for i in ids).strip()
                      for ids in greedy_decode(log_probs, frames, model.blank)]
     return texts, hf_style
@@ -135,6 +133,12 @@ def test_pipeline_gives_our_transcripts_and_the_folder_comes_back(kind: str, tmp
     _non_trivial(ours)
     pipe = transformers.pipeline("automatic-speech-recognition", model=str(folder), device="cpu")
     _same([pipe(u.audio)["text"] for u in utts], model, utts)
+    # word times: the pipeline's (return_timestamps="word") are ours, to its rounding of 10 ms
+    for utt, transcript in zip(utts, model.transcribe([u.audio for u in utts], return_timestamps="word"), strict=True):
+        chunks = pipe(utt.audio, return_timestamps="word")["chunks"]
+        assert [c["text"] for c in chunks] == [w.text for w in transcript.words]
+        assert [tuple(c["timestamp"]) for c in chunks] == [(round(w.start, 2), round(w.end, 2))
+                                                           for w in transcript.words]
 
     back = from_huggingface(str(folder))
     assert isinstance(back, CTCModel) and back.blank == 0 and back.normalize_audio == model.normalize_audio

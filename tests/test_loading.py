@@ -197,7 +197,7 @@ def test_pretraining_init_from_a_torchaudio_model_takes_its_encoder(tmp_path: Pa
 def test_export_command_writes_each_format_from_any_source(pretrained: Wav2Vec2Model, tmp_path: Path,
                                                            capsys: pytest.CaptureFixture) -> None:
     """`speechssl export SOURCE --format hf|torchaudio|onnx`: each file gives the CTC model's logits."""
-    from finetune.tokenizer import CharTokenizer
+    from speechssl.asr.tokenizer import CharTokenizer
     from speechssl.interop.onnx import OnnxModel
     from speechssl_cli import main as speechssl_main
 

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from finetune.decoding import greedy_decode
-from finetune.tokenizer import CharTokenizer
 from speechssl import Wav2Vec2Model, load_model_config
+from speechssl.asr.decoding import greedy_decode
+from speechssl.asr.tokenizer import CharTokenizer
 from speechssl.config import to_dict
 from speechssl.data.audio import normalize_audio
 from speechssl.features import LayerFeatures

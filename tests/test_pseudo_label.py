@@ -14,7 +14,7 @@ import soundfile as sf
 import torch
 
 from finetune.pseudo_label import confidence, select
-from finetune.tokenizer import CharTokenizer
+from speechssl.asr.tokenizer import CharTokenizer
 from speechssl_cli import main as speechssl_main
 from tests.conftest import REPO
 
@@ -83,7 +83,8 @@ def _read_tsv(path: Path) -> list[dict]:
 def test_pseudo_label_writes_a_manifest_of_the_confident_that_make_shards_reads(
         teacher: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     from data_tools.shards import ShardOptions, make_shards
-    from finetune.transcribe import emissions, load_model, read_inputs
+    from finetune.transcribe import load_model, read_inputs
+    from speechssl.asr.inference import emissions
     from speechssl.data.inputs import read_utterances
     from speechssl.data.manifest import read_source
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 import torchaudio
 
-from finetune.tokenizer import BpeTokenizer, CharTokenizer, tokenizer_from_dict
-from finetune.transcribe import greedy_decoder
 from speechssl import Wav2Vec2Model, load_model_config
+from speechssl.asr.decoding import GreedyDecoder
+from speechssl.asr.tokenizer import BpeTokenizer, CharTokenizer, tokenizer_from_dict
 from speechssl.interop.torchaudio import from_torchaudio, to_torchaudio, wav2vec2_model
 from speechssl.models.ctc import CTCModel
 from tests.conftest import REPO
@@ -214,7 +214,7 @@ def test_torchaudio_bundle_style_labels_import_as_our_character_vocabulary() -> 
     for row, n in zip(emissions.argmax(-1), frames.tolist(), strict=True):
         ids = [int(i) for i in torch.unique_consecutive(row[:n]) if i != 0]
         tutorial.append(" ".join("".join(labels[i] for i in ids).replace("|", " ").strip().split()))
-    decode = greedy_decoder(tokenizer_from_dict(ours.tokenizer), ours.blank)
+    decode = GreedyDecoder(tokenizer_from_dict(ours.tokenizer), ours.blank)
     texts = decode(logits.log_softmax(-1), frames)
     assert texts == tutorial and all(len(t.split()) >= 2 for t in texts), texts
 

@@ -50,7 +50,15 @@ class BadAudio(Exception):
 
 
 def read_audio(path: str | Path) -> tuple[np.ndarray, int]:
-    """Decode a file to mono float32 ``(S,)`` (channels averaged) and its sample rate.
+    """Decode a file to mono float32 ``(S,)`` (channels averaged) and its sample rate
+    (:func:`read_audio_channels` without the channel count)."""
+    samples, rate, _ = read_audio_channels(path)
+    return samples, rate
+
+
+def read_audio_channels(path: str | Path) -> tuple[np.ndarray, int, int]:
+    """Decode a file to mono float32 ``(S,)`` (channels averaged), its sample rate and how many
+    channels it had.
 
     Raises :class:`BadAudio` with reason ``missing_file``, ``unreadable`` (not audio libsndfile
     can open), ``corrupt`` (opens, but decoding fails: a cut-off or damaged FLAC/OGG) or
@@ -73,7 +81,7 @@ def read_audio(path: str | Path) -> tuple[np.ndarray, int]:
     cut = re.search(r"data\s*:\s*(\d+)\s*\(should be (\d+)\)", info.extra_info or "")
     if cut and int(cut.group(1)) > int(cut.group(2)) and int(cut.group(1)) < 0xFFFFFFF0:
         raise BadAudio("truncated", f"{path}: data chunk of {cut.group(1)} bytes, {cut.group(2)} in the file")
-    return data.mean(axis=1), rate
+    return data.mean(axis=1), rate, data.shape[1]
 
 
 def prepare(samples: np.ndarray, rate: int, target_rate: int, min_seconds: float,

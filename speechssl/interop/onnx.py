@@ -544,7 +544,7 @@ class OnnxModel:
     def greedy_transcripts(self, outputs: dict[str, np.ndarray]) -> list[str]:
         """Best-path CTC text of a CTC file's outputs: per frame the likeliest token, repeats merged,
         blanks dropped, tokens joined with the metadata's word delimiter (or BPE word boundary) as
-        spaces; as ``finetune.decoding.greedy_decode`` then the tokenizer's ``decode``."""
+        spaces; as ``speechssl.asr.decoding.greedy_decode`` then the tokenizer's ``decode``."""
         if self.kind != "ctc" or self.vocab is None:
             raise ValueError("greedy_transcripts needs a CTC file with its vocabulary in the metadata")
         return [tokens_to_text(ids, self.vocab, self.metadata["decoding"])

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from speechssl.asr.inference import DEFAULT_WINDOWS, Windows
 from speechssl.config import check, to_dict
 from speechssl.models.config import ModelConfig, load_model_config
 from speechssl.models.encoder import ENCODER_PARTS, SpeechEncoder
@@ -89,6 +90,28 @@ class CTCModel(SpeechEncoder):
         x, _ = self.frontend(features, time_mask, channel_mask)
         out = self.context(x, padding_mask)
         return self.lm_head(self.final_dropout(out.output)), self._lengths(out.padding_mask)
+
+    @property
+    def text_tokenizer(self):
+        """The tokenizer that turns this model's token ids into text (:mod:`speechssl.asr.tokenizer`)."""
+        from speechssl.asr.tokenizer import tokenizer_from_dict
+
+        if self.tokenizer is None:
+            raise ValueError("this CTC model has no tokenizer: it cannot turn its outputs into text")
+        return tokenizer_from_dict(self.tokenizer)
+
+    def transcribe(self, audio, sample_rate: int | None = None, batch_seconds: float = 60.0, decoder="greedy",
+                   return_timestamps: bool | str = False, device: str | torch.device | None = None,
+                   windows: Windows | None = DEFAULT_WINDOWS):
+        """Transcripts of audio files, arrays or tensors (one, or a list):
+        :func:`speechssl.asr.transcriber.transcribe`, which says what each argument takes.
+
+            model.transcribe("talk.wav").text
+            model.transcribe([samples_8k], sample_rate=8000, return_timestamps="word")[0].words
+        """
+        from speechssl.asr.transcriber import transcribe
+
+        return transcribe(self, audio, sample_rate, batch_seconds, decoder, return_timestamps, device, windows)
 
     def save(self, path: str | os.PathLike) -> None:
         """One standalone file with the config, the vocabulary and the weights (:func:`load_ctc_model`)."""

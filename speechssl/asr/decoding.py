@@ -1,10 +1,31 @@
-"""Greedy CTC decoding and error counts (word and character edit distances, with jiwer)."""
+"""Greedy CTC decoding and error counts (word and character edit distances, with jiwer).
+
+A decoder is called as ``decoder(log_probs (B, T, V), frames (B,))`` and returns the transcripts;
+:class:`GreedyDecoder` and :class:`speechssl.asr.beam.BeamDecoder` also give ``hypotheses(...)``:
+each transcript with its tokens and the frame where each token starts, from which
+:mod:`speechssl.asr.timestamps` computes word and character times.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import jiwer
 import torch
 from torch import Tensor
+
+Decoder = Callable[[Tensor, Tensor], list[str]]  # (log_probs (B, T, V), frames (B,)) -> texts
+
+
+@dataclass
+class Hypothesis:
+    """A decoded utterance: its text, its token ids (blanks and CTC repeats removed) and the
+    frame at which each token starts."""
+
+    text: str
+    tokens: list[int]
+    starts: list[int]
 
 
 def greedy_decode(logits: Tensor, lengths: Tensor | None, blank: int = 0) -> list[list[int]]:
@@ -17,6 +38,31 @@ def greedy_decode(logits: Tensor, lengths: Tensor | None, blank: int = 0) -> lis
         tokens = torch.unique_consecutive(row[:n])
         out.append([int(t) for t in tokens if t != blank])
     return out
+
+
+class GreedyDecoder:
+    """Best-path decoding into text: ``decoder(log_probs (B, T, V), frames (B,))`` -> transcripts.
+    ``blank_penalty`` is subtracted from the blank's log-probability first (icefall's)."""
+
+    def __init__(self, tokenizer, blank: int = 0, blank_penalty: float = 0.0):
+        self.tokenizer, self.blank, self.blank_penalty = tokenizer, blank, blank_penalty
+
+    def hypotheses(self, log_probs: Tensor, frames: Tensor | None) -> list[Hypothesis]:
+        best = penalize_blank(log_probs, self.blank, self.blank_penalty).argmax(-1).cpu()
+        lengths = [best.shape[1]] * best.shape[0] if frames is None else frames.tolist()
+        out = []
+        for row, n in zip(best, lengths, strict=True):
+            path = row[:n]
+            # a token starts where the path changes to it from anything else
+            changed = torch.ones(n, dtype=torch.bool)
+            changed[1:] = path[1:] != path[:-1]
+            starts = torch.nonzero(changed & (path != self.blank)).flatten()
+            tokens = path[starts].tolist()
+            out.append(Hypothesis(self.tokenizer.decode(tokens), tokens, starts.tolist()))
+        return out
+
+    def __call__(self, log_probs: Tensor, frames: Tensor | None) -> list[str]:
+        return [h.text for h in self.hypotheses(log_probs, frames)]
 
 
 def penalize_blank(log_probs: Tensor, blank: int, penalty: float) -> Tensor:

@@ -43,14 +43,14 @@ class Emissions:
     model: str = ""
 
     def add(self, batch: list, log_probs: Tensor, frames: Tensor) -> None:
-        """Keep a batch of :func:`finetune.transcribe.emissions`: utterances, ``(B, T, V)``, ``(B,)``."""
+        """Keep a batch of :func:`speechssl.asr.inference.emissions`: utterances, ``(B, T, V)``, ``(B,)``."""
         for utt, row, n in zip(batch, log_probs, frames.tolist(), strict=True):
             self.rows.append(Row(utt.id, utt.text))
             self.log_probs.append(row[:n].to(torch.float16).clone())
 
     def batches(self, max_frames: int = 30_000) -> Iterator[tuple[list[Row], Tensor, Tensor]]:
         """``(rows, log_probs (B, T, V) float32, frames (B,))`` in file order, as
-        :func:`finetune.transcribe.emissions` yields them; a batch's padded frames stay under
+        :func:`speechssl.asr.inference.emissions` yields them; a batch's padded frames stay under
         ``max_frames``. Padding frames hold log-probabilities of 0 and lie past ``frames``."""
         start = 0
         while start < len(self.rows):

@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from finetune.decoding import penalize_blank
-from finetune.tokenizer import BLANK, WORD, CharTokenizer, Tokenizer
+from speechssl.asr.decoding import Hypothesis, penalize_blank
+from speechssl.asr.tokenizer import BLANK, WORD, CharTokenizer, Tokenizer
 
 log = logging.getLogger("speechssl.decode")
 
@@ -177,21 +177,31 @@ class BeamDecoder:
             write_lexicon(model_spellings(lm, tokenizer), lexicon)
             self.decoder = ctc_decoder(lexicon=str(lexicon), lm=str(lm.arpa), lm_weight=s.lm_weight, **options)
 
-    def __call__(self, log_probs: Tensor, frames: Tensor | None) -> list[str]:
+    def hypotheses(self, log_probs: Tensor, frames: Tensor | None) -> list[Hypothesis]:
+        """The best hypothesis of each row, with its tokens and the frame where each starts
+        (flashlight's timesteps)."""
         emissions = penalize_blank(log_probs.detach().float().cpu(), self.tokenizer.blank,
                                    self.settings.blank_penalty).contiguous()
         lengths = None if frames is None else frames.detach().cpu().to(torch.int32)
         out = []
-        for hypotheses in self.decoder(emissions, lengths):
+        valid = [emissions.shape[1]] * emissions.shape[0] if lengths is None else lengths.tolist()
+        for hypotheses, n in zip(self.decoder(emissions, lengths), valid, strict=True):
             if not hypotheses:
-                out.append("")
-            elif self.uses_lexicon:
-                out.append(" ".join(w for w in hypotheses[0].words if w))
-            else:
-                # torchaudio has merged repeats and removed blanks (the sil token may be the blank)
-                ids = [int(t) for t in hypotheses[0].tokens if int(t) != self.tokenizer.blank]
-                out.append(self.tokenizer.decode(ids))
+                out.append(Hypothesis("", [], []))
+                continue
+            best = hypotheses[0]
+            # torchaudio has merged repeats and removed blanks (the sil token may be the blank).
+            # flashlight's path has a sil step before the first frame and after the last, so
+            # timestep i is frame i - 1, and those two are not frames.
+            kept = [(int(t), int(f) - 1) for t, f in zip(best.tokens, best.timesteps, strict=True)
+                    if int(t) != self.tokenizer.blank and 0 < int(f) <= n]
+            tokens, starts = [t for t, _ in kept], [f for _, f in kept]
+            text = " ".join(w for w in best.words if w) if self.uses_lexicon else self.tokenizer.decode(tokens)
+            out.append(Hypothesis(text, tokens, starts))
         return out
+
+    def __call__(self, log_probs: Tensor, frames: Tensor | None) -> list[str]:
+        return [h.text for h in self.hypotheses(log_probs, frames)]
 
     def to_dict(self) -> dict:
         return asdict(self.settings)
