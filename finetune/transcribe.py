@@ -234,13 +234,12 @@ def run(args: argparse.Namespace) -> int:
         if args.command == "transcribe":
             for line in lines:
                 print(line, file=out, flush=True)
-            source = []
-        for batch, log_probs, frames in source:
-            for utt, hypothesis in zip(batch, decoder(log_probs, frames), strict=True):
-                if utt.text is None:
-                    print(f"error: {utt.id} has no transcript; evaluate needs labelled data", file=sys.stderr)
-                    return 2
-                else:
+        else:
+            for batch, log_probs, frames in source:
+                for utt, hypothesis in zip(batch, decoder(log_probs, frames), strict=True):
+                    if utt.text is None:
+                        print(f"error: {utt.id} has no transcript; evaluate needs labelled data", file=sys.stderr)
+                        return 2
                     rows.append((utt.id, utt.text, hypothesis))
         if partial is not None:
             out.close()

@@ -49,7 +49,7 @@ def token_spans(hypothesis: Hypothesis, best_path: Tensor, frames: int) -> list[
         end = start + 1
         while end < limit and path[end] == token:
             end += 1
-        spans.append((token, start, max(end, start + 1)))
+        spans.append((token, start, end))
     return spans
 
 

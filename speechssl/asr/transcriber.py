@@ -38,7 +38,6 @@ from torch import Tensor
 from speechssl.asr.decoding import GreedyDecoder
 from speechssl.asr.inference import DEFAULT_WINDOWS, Windows, emissions
 from speechssl.asr.timestamps import Span, char_spans, token_spans, word_spans
-from speechssl.asr.tokenizer import tokenizer_from_dict
 from speechssl.data.audio import BadAudio, read_audio_channels
 from speechssl.data.inputs import SAMPLE_RATE, Utterance
 from speechssl.features import min_input_samples
@@ -141,10 +140,8 @@ def resolve_decoder(decoder, tokenizer, blank: int):
 
 def seconds_per_frame(model) -> float:
     """The time between two output frames of ``model`` (20 ms for the convolutional encoder)."""
-    from speechssl.features import LayerFeatures
-
     factor = getattr(model.config.context, "output_downsampling_factor", 1)
-    return LayerFeatures(model, "last").stride * factor / SAMPLE_RATE
+    return model.feature_extractor.stride * factor / SAMPLE_RATE
 
 
 def transcribe_utterances(model, utterances: Iterator[Utterance], device: torch.device, decoder="greedy",
@@ -155,7 +152,7 @@ def transcribe_utterances(model, utterances: Iterator[Utterance], device: torch.
     ``speechssl transcribe``). ``timestamps``: one of :data:`TIMESTAMPS`."""
     if timestamps not in TIMESTAMPS:
         raise ValueError(f"return_timestamps must be False, True, 'word' or 'char', not {timestamps!r}")
-    tokenizer = tokenizer_from_dict(model.tokenizer)
+    tokenizer = model.text_tokenizer
     decoder = resolve_decoder(decoder, tokenizer, model.blank)
     if timestamps and not hasattr(decoder, "hypotheses"):
         raise ValueError(f"timestamps need a decoder that gives token times (greedy or BeamDecoder), not {decoder!r}")
@@ -189,10 +186,6 @@ def transcribe(model, audio: Audio | Sequence[Audio], sample_rate: int | None = 
     items = [audio] if single else list(audio)
     if not items:
         return []
-    if model.tokenizer is None:
-        raise ValueError("this CTC model has no tokenizer: it cannot turn its outputs into text")
-    if return_timestamps not in TIMESTAMPS:
-        raise ValueError(f"return_timestamps must be False, True, 'word' or 'char', not {return_timestamps!r}")
     was_training, per_utterance = model.training, model.extract_per_utterance
     home = next(model.parameters()).device
     target = torch.device(device) if device is not None else home
