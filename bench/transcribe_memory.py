@@ -1,4 +1,5 @@
-"""Peak memory of ``python -m finetune transcribe`` on one long recording, by its length.
+"""Peak memory of ``python -m finetune transcribe`` (or of ``model.transcribe`` from Python, with
+``--python``) on one long recording, by its length.
 
 A random tiny CTC model (``configs/model/tiny_transformer.yaml`` with a character head) transcribes
 one FLAC file of synthetic speech per length, each in a fresh process; the peak resident memory of
@@ -6,7 +7,7 @@ that process (``ru_maxrss``) is reported. Long recordings run in overlapping win
 (``--max-seconds``/``--window-seconds``/``--overlap-seconds``), so the peak should be the model, the
 decoded audio (4 bytes a sample) and one batch of windows, not growing with the recording's frames.
 
-    python bench/transcribe_memory.py --minutes 1 16 60 [--device cpu] [--single-pass]
+    python bench/transcribe_memory.py --minutes 1 16 60 [--device cpu] [--single-pass] [--python]
 
 ``--single-pass`` gives a ``--max-seconds`` above the longest recording: the unwindowed baseline.
 """
@@ -52,15 +53,23 @@ def long_recording(path: Path, minutes: float) -> None:
             f.write(speech[: min(len(speech), total - start)])
 
 
-def peak_rss(model: Path, audio: Path, device: str, extra: list[str]) -> tuple[float, float]:
+CLI = ("import resource, sys, runpy; sys.argv = ['finetune'] + sys.argv[1:];"
+       "code = 0\ntry: runpy.run_module('finetune', run_name='__main__')\n"
+       "except SystemExit as e: code = e.code or 0\n"
+       "print('PEAK', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr); sys.exit(code)")
+# The Python call a user writes: ``speechssl.load(model).transcribe(path)``, windowed by default.
+PYTHON = ("import resource, sys, speechssl; from speechssl.asr.inference import DEFAULT_WINDOWS;"
+          "_, _, model, audio, _, device, *single_pass = sys.argv; windows = None if single_pass else DEFAULT_WINDOWS;"
+          "text = speechssl.load(model).transcribe(audio, device=device, windows=windows).text;"
+          "print(len(text.split()), 'words');"
+          "print('PEAK', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)")
+
+
+def peak_rss(model: Path, audio: Path, device: str, extra: list[str], python: bool) -> tuple[float, float]:
     """(peak resident MiB, wall seconds) of one transcribe process."""
-    script = ("import resource, sys, runpy; sys.argv = ['finetune'] + sys.argv[1:];"
-              "code = 0\ntry: runpy.run_module('finetune', run_name='__main__')\n"
-              "except SystemExit as e: code = e.code or 0\n"
-              "print('PEAK', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr); sys.exit(code)")
     start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-c", script, "transcribe", str(model), str(audio), "--device", device,
-                           *extra], capture_output=True, text=True, cwd=REPO, check=False)
+    done = subprocess.run([sys.executable, "-c", PYTHON if python else CLI, "transcribe", str(model), str(audio),
+                           "--device", device, *extra], capture_output=True, text=True, cwd=REPO, check=False)
     seconds = time.perf_counter() - start
     if done.returncode != 0:
         raise SystemExit(f"transcribe failed:\n{done.stderr[-3000:]}")
@@ -73,6 +82,7 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, nargs="+", default=[1, 16, 60])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--single-pass", action="store_true", help="no windows: the baseline")
+    parser.add_argument("--python", action="store_true", help="model.transcribe(path) instead of the CLI")
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -81,8 +91,9 @@ def main() -> None:
         for minutes in args.minutes:
             audio = Path(tmp) / f"long_{minutes:g}min.flac"
             long_recording(audio, minutes)
-            extra = ["--max-seconds", str(max(args.minutes) * 60 + 1)] if args.single_pass else []
-            peak, seconds = peak_rss(model, audio, args.device, extra)
+            extra = ([] if not args.single_pass else ["single-pass"] if args.python
+                     else ["--max-seconds", str(max(args.minutes) * 60 + 1)])
+            peak, seconds = peak_rss(model, audio, args.device, extra, args.python)
             audio.unlink()
             rows.append({"minutes": minutes, "peak_rss_mib": round(peak, 1), "seconds": round(seconds, 1)})
             print(json.dumps(rows[-1]), flush=True)
@@ -90,7 +101,8 @@ def main() -> None:
     for row in rows:
         print(f"| {row['minutes']:g} | {row['peak_rss_mib']:.0f} | {row['seconds']:.1f} |")
     print(f"\ntorch {torch.__version__}, python {sys.version.split()[0]}, "
-          f"{'single pass' if args.single_pass else 'windowed (defaults)'}, device {args.device}")
+          f"{'single pass' if args.single_pass else 'windowed (defaults)'}, device {args.device}, "
+          f"{'model.transcribe' if args.python else 'python -m finetune transcribe'}")
 
 
 if __name__ == "__main__":

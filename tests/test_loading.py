@@ -222,3 +222,25 @@ def test_export_command_writes_each_format_from_any_source(pretrained: Wav2Vec2M
     assert speechssl_main(["export", str(tmp_path / "ctc.pt"), "--format", "hf", "--output", str(tmp_path / "hf")]) == 2
     assert "--overwrite" in capsys.readouterr().err
     assert speechssl_main(["export", str(tmp_path / "ctc.pt"), "--layers", "0", "--output", str(tmp_path / "x")]) == 2
+
+
+def test_finetuning_from_a_ctc_model_keeps_its_encoder_and_makes_a_head_for_the_new_vocabulary(
+        pretrained: Wav2Vec2Model, tmp_path: Path) -> None:
+    from finetune.__main__ import load_pretrained
+    from finetune.config import FinetuneConfig
+    from finetune.task import FinetuneTask
+    from speechssl.asr.tokenizer import CharTokenizer
+    from speechssl.config import build
+
+    old = CharTokenizer.build(["AB"])
+    first = CTCModel.from_pretrained(pretrained, len(old), blank=old.blank, vocab=old.vocab, tokenizer=old.to_dict())
+    first.save(tmp_path / "first.pt")
+    new = CharTokenizer.build(["THE QUICK BROWN FOX"])
+    assert len(new) != len(old)
+    config = build(FinetuneConfig, REPO / "configs/finetune/tiny.yaml", [f"pretrained={tmp_path / 'first.pt'}"])
+    model = FinetuneTask(config, load_pretrained(str(tmp_path / "first.pt")), new).build_model()
+    assert model.vocab == new.vocab and model.lm_head.out_features == len(new)
+    theirs = first.state_dict()
+    for key, value in model.state_dict().items():
+        if not key.startswith("lm_head"):
+            torch.testing.assert_close(value, theirs[key], rtol=0, atol=0, msg=key)
