@@ -152,6 +152,9 @@ def huggingface_config(config: ModelConfig, **extra: Any) -> Any:
         if ctx.att_context_size != [-1, -1]:
             raise ValueError(f"Hugging Face's Wav2Vec2-Conformer has full attention only; this model uses "
                              f"att_context_size={ctx.att_context_size} (change_attention([-1, -1]) first)")
+        if not ctx.layer_norm_first:
+            raise ValueError("Hugging Face's Wav2Vec2-Conformer has its LayerNorm after the last block; this "
+                             "model has it before the first (layer_norm_first: false) and cannot be exported")
         kwargs.update(
             hidden_act=ctx.activation, conv_depthwise_kernel_size=ctx.depthwise_conv_kernel,
             position_embeddings_type=None if ctx.position_embeddings == "none" else ctx.position_embeddings,

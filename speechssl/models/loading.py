@@ -1,5 +1,6 @@
 """A model named the way every command names one: a run folder, a model file, ``hf:NAME_OR_PATH``
-or a Hugging Face folder, ``ta:BUNDLE``, or ``scratch:MODEL_CONFIG``.
+or a Hugging Face folder, ``ta:BUNDLE``, ``fairseq:CHECKPOINT``, ``fairseq2:CHECKPOINT``, or
+``scratch:MODEL_CONFIG``.
 
     model = speechssl.load("runs/ctc")             # a fine-tuning run: its CTCModel
     model = speechssl.load("hf:facebook/wav2vec2-base")  # a Wav2Vec2Model (pretraining parts fresh)
@@ -17,6 +18,12 @@ or a Hugging Face folder, ``ta:BUNDLE``, or ``scratch:MODEL_CONFIG``.
 - ``ta:BUNDLE``: a torchaudio pipeline bundle, e.g. ``ta:WAV2VEC2_BASE`` (its weights are
   downloaded to torch.hub's cache where the network allows, or read from it); an ASR bundle
   becomes a CTC model with the bundle's labels;
+- ``fairseq:CHECKPOINT``, or a fairseq checkpoint file given as a model file: a fairseq wav2vec 2.0
+  checkpoint (pretraining, or fine-tuned CTC with the ``dict.ltr.txt`` beside it;
+  :func:`speechssl.interop.fairseq.from_fairseq`), read without running its pickled code;
+- ``fairseq2:CHECKPOINT``, or a fairseq2 checkpoint file given as a model file: a fairseq2
+  wav2vec 2.0 or wav2vec 2.0 ASR model, its architecture from the ``.yaml`` beside the file or
+  read from the weights (:func:`speechssl.interop.fairseq2.load_fairseq2_checkpoint`);
 - ``scratch:MODEL_CONFIG``: a random initialisation of the model of that YAML (a from-scratch
   baseline), drawn after ``torch.manual_seed(seed)``.
 """
@@ -32,8 +39,9 @@ from torch import nn
 
 from speechssl.models.encoder import ENCODER_PARTS, SpeechEncoder
 
-NAMED_SOURCES = ("hf:", "ta:", "scratch:")  # sources that are not paths
-SOURCES = "a run folder with model.pt, a model file, hf:NAME or a Hugging Face folder, or ta:BUNDLE"
+NAMED_SOURCES = ("hf:", "ta:", "scratch:", "fairseq:", "fairseq2:")  # sources that are not paths
+SOURCES = ("a run folder with model.pt, a model file, hf:NAME or a Hugging Face folder, ta:BUNDLE, "
+           "fairseq:CHECKPOINT or fairseq2:CHECKPOINT")
 
 
 def model_file(source: str | os.PathLike) -> Path:
@@ -107,8 +115,20 @@ def load_speech_model(source: str, seed: int = 1) -> SpeechEncoder:
         from speechssl.interop.huggingface import from_huggingface
 
         return from_huggingface(source[3:] if source.startswith("hf:") else source)
+    from speechssl.interop import fairseq, fairseq2
+
+    if source.startswith("fairseq:"):
+        return fairseq.from_fairseq(model_file(source[len("fairseq:"):]))
+    if source.startswith("fairseq2:"):
+        return fairseq2.load_fairseq2_checkpoint(model_file(source[len("fairseq2:"):]))
     path = model_file(source)
-    blob = torch.load(path, map_location="cpu", weights_only=True)
+    from speechssl.interop.untrusted import load_untrusted
+
+    blob = load_untrusted(path)  # a file from anywhere: no pickled code runs
+    if fairseq.is_fairseq_checkpoint(blob):
+        return fairseq.from_fairseq(path)
+    if fairseq2.is_fairseq2_checkpoint(blob):
+        return fairseq2.load_fairseq2_checkpoint(path)
     from speechssl.models.ctc import FORMAT as CTC_FORMAT
 
     if isinstance(blob, dict) and blob.get("format") == CTC_FORMAT:

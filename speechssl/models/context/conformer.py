@@ -45,7 +45,11 @@ class ConformerConfig:
     attention_dropout: on attention probabilities and the attention output [attention_dropout];
     activation_dropout: inside the feed-forward [activation_dropout]; conv_dropout: at the
     convolution module's output [conformer_conv_dropout]; layer_drop [layerdrop].
-    layer_norm_eps: of the LayerNorm after the last layer [layer_norm_eps].
+    layer_norm_eps: of the context network's own LayerNorm [layer_norm_eps].
+    layer_norm_first: where that LayerNorm sits, with fairseq's meaning of the name: True after the
+    last block (fairseq's Conformer with ``layer_norm_first``, Hugging Face's only layout), False
+    before the first one, after the positional embedding (fairseq's default, and fairseq2's
+    ``use_conformer`` models).
     mask_padding_in_conv: zero padded frames before the depthwise convolution, so an utterance's
     output does not depend on the padding of its batch. fairseq and Hugging Face do not (their
     padded frames leak into the last ``kernel // 2`` valid ones); models imported from Hugging Face
@@ -71,6 +75,7 @@ class ConformerConfig:
     conv_dropout: float = 0.1
     layer_drop: float = 0.0
     layer_norm_eps: float = 1e-5
+    layer_norm_first: bool = True
     mask_padding_in_conv: bool = True
 
     def __post_init__(self) -> None:
@@ -289,7 +294,8 @@ class ConformerLayer(nn.Module):
 @register_context("conformer", ConformerConfig)
 class ConformerContext(ContextNetwork):
     """The Conformer context network; hidden states are the blocks' outputs, the output is the last
-    one through a final LayerNorm (Hugging Face's ``last_hidden_state``)."""
+    one through a final LayerNorm (Hugging Face's ``last_hidden_state``), or the last one as it is
+    when the LayerNorm comes first (``layer_norm_first: false``)."""
 
     def __init__(self, config: ConformerConfig):
         super().__init__()
@@ -337,6 +343,8 @@ class ConformerContext(ContextNetwork):
             x = x.masked_fill(padding_mask.unsqueeze(-1), 0.0)
         if self.pos_conv is not None:
             x = x + self.pos_conv(x)
+        if not self.config.layer_norm_first:
+            x = self.layer_norm(x)
         x = self.dropout(x)
         length = x.shape[1]
         allowed = self._allowed(padding_mask, length, x.device)
@@ -346,6 +354,6 @@ class ConformerContext(ContextNetwork):
         for layer in self.layers[:num_layers]:
             x = self._layer_or_skip(layer, self.config.layer_drop, x, allowed, position, conv_padding_mask)
             hidden_states.append(x)
-        if num_layers is None:
+        if num_layers is None and self.config.layer_norm_first:
             x = self.layer_norm(x)
         return ContextOutput(x, hidden_states, padding_mask, first)
