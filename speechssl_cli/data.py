@@ -55,7 +55,9 @@ def add_data(parser: argparse.ArgumentParser) -> None:
 
     p = command("make-shards")
     p.add_argument("--input", required=True,
-                   help="folder of audio, LibriSpeech tree, TSV/JSONL manifest or fairseq manifest")
+                   help="folder of audio, LibriSpeech tree, or manifest: TSV, JSON lines (NeMo's, with offset and "
+                        "duration cutting segments), fairseq .tsv (with its .wrd/.ltr labels), lhotse cuts "
+                        "(.jsonl.gz or .jsonl)")
     p.add_argument("--output", required=True, help="shard directory to write")
     _shard_options(p)
 

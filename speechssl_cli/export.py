@@ -111,8 +111,10 @@ def export_elsewhere(source: str, output: str | os.PathLike, form: str, overwrit
                      layers: str | None = None) -> dict:
     """``source`` (anything :func:`speechssl.load` takes) as a Hugging Face folder (``hf``),
     torchaudio's model scripted with TorchScript (``torchaudio``: ``torch.jit.load`` reads it
-    without speechssl; a CTC model's head as ``aux`` with its ``labels``) or an ONNX file
-    (``onnx``); what was written."""
+    without speechssl; a CTC model's head as ``aux`` with its ``labels``), an ONNX file
+    (``onnx``), a fairseq checkpoint (``fairseq``; a character CTC model's ``dict.ltr.txt``
+    beside it) or a fairseq2 checkpoint (``fairseq2``; its config beside it as ``.yaml``); what was
+    written."""
     import torch
 
     import speechssl
@@ -127,6 +129,14 @@ def export_elsewhere(source: str, output: str | os.PathLike, form: str, overwrit
         from speechssl.interop.huggingface import save_huggingface
 
         save_huggingface(model, target)
+    elif form == "fairseq":
+        from speechssl.interop.fairseq import save_fairseq
+
+        save_fairseq(model, target)
+    elif form == "fairseq2":
+        from speechssl.interop.fairseq2 import save_fairseq2_checkpoint
+
+        save_fairseq2_checkpoint(model, target)
     elif form == "torchaudio":
         from speechssl.interop.torchaudio import to_torchaudio
 

@@ -64,12 +64,14 @@ given): what the run itself writes to model.pt at its end, for a run that was st
 A pretraining run gives a file for speechssl.load_model, a fine-tuning run a CTC model file with its
 tokenizer (rebuilt from the run's training shards or tokenizer.model, as a resumed run does).
 
---format hf|torchaudio|onnx exports any model speechssl.load takes (a model file, a run folder's
-model.pt, hf:NAME, ta:BUNDLE) for use elsewhere:
+--format hf|torchaudio|onnx|fairseq|fairseq2 exports any model speechssl.load takes (a model file, a
+run folder's model.pt, hf:NAME, ta:BUNDLE, fairseq:FILE, fairseq2:FILE) for use elsewhere:
 
     %(prog)s runs/tiny_ctc/best.pt --format hf --output exported_hf     (transformers' ASR pipeline loads it)
     %(prog)s runs/tiny_ctc/best.pt --format onnx --output ctc.onnx      (onnxruntime; --layers for features)
     %(prog)s runs/tiny --format torchaudio --output ta.pt               (TorchScript: torch.jit.load)
+    %(prog)s runs/tiny_ctc/best.pt --format fairseq --output fs/checkpoint_best.pt  (+ fs/dict.ltr.txt)
+    %(prog)s runs/tiny --format fairseq2 --output fs2/model.pt          (+ fs2/model.yaml, the config)
 """
 
 
@@ -105,9 +107,10 @@ def add_export(parser: argparse.ArgumentParser) -> None:
                              "(RUN_DIR/checkpoints/update_NNNNNNNN)")
     parser.add_argument("--output", required=True, help="the model file (a folder for hf) to write")
     parser.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
-    parser.add_argument("--format", choices=("model", "hf", "torchaudio", "onnx"), default="model",
-                        help="model: the run's model file from a checkpoint; hf, torchaudio, onnx: SOURCE (any "
-                             "model speechssl.load takes) for use elsewhere")
+    parser.add_argument("--format", choices=("model", "hf", "torchaudio", "onnx", "fairseq", "fairseq2"),
+                        default="model",
+                        help="model: the run's model file from a checkpoint; hf, torchaudio, onnx, fairseq, "
+                             "fairseq2: SOURCE (any model speechssl.load takes) for use elsewhere")
     parser.add_argument("--layers", default=None,
                         help="onnx: the hidden states of these layers ('last', 'all' or e.g. 0,3) instead of "
                              "a CTC model's logits")

@@ -221,3 +221,16 @@ def test_named_source_and_what_is_refused(tmp_path: Path) -> None:
     torch.save(to_fairseq(_ctc_model()), tmp_path / "ctc.pt")
     with pytest.raises(ValueError, match="symbols"):
         from_fairseq(tmp_path / "ctc.pt")
+
+
+def test_older_fine_tuned_checkpoints_that_kept_the_pretraining_parts_load(tmp_path: Path) -> None:
+    ctc = _ctc_model()
+    checkpoint = to_fairseq(ctc)
+    pretraining = to_fairseq(MODELS["base"]())["model"]
+    checkpoint["model"].update({"w2v_encoder.w2v_model." + k: v for k, v in pretraining.items()
+                                if k.startswith(("quantizer.", "project_q.", "final_proj."))})
+    torch.save(checkpoint, tmp_path / "old_ft.pt")
+    back = from_fairseq(tmp_path / "old_ft.pt")
+    waves = _waves()
+    with torch.no_grad():
+        assert torch.equal(back(waves, LENGTHS)[0], ctc(waves, LENGTHS)[0])

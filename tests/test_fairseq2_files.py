@@ -101,7 +101,7 @@ def test_asr_checkpoints_become_ctc_models(tmp_path: Path) -> None:
     assert state["final_proj.weight"].shape[0] == len(tokenizer) and not any("quantizer" in k for k in state)
     assert infer_config(state)["target_vocab_size"] == len(tokenizer)
     back = speechssl.load(f"fairseq2:{path}")
-    assert isinstance(back, CTCModel)
+    assert isinstance(back, CTCModel) and back.vocab == ctc.vocab and back.tokenizer == ctc.tokenizer
     waves = torch.randn(2, 16000) * (torch.arange(16000) < LENGTHS[:, None])
     with torch.no_grad():
         assert torch.equal(back(waves, LENGTHS)[0], ctc(waves, LENGTHS)[0])

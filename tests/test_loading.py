@@ -196,7 +196,8 @@ def test_pretraining_init_from_a_torchaudio_model_takes_its_encoder(tmp_path: Pa
 
 def test_export_command_writes_each_format_from_any_source(pretrained: Wav2Vec2Model, tmp_path: Path,
                                                            capsys: pytest.CaptureFixture) -> None:
-    """`speechssl export SOURCE --format hf|torchaudio|onnx`: each file gives the CTC model's logits."""
+    """`speechssl export SOURCE --format hf|torchaudio|onnx|fairseq|fairseq2`: each file gives the CTC
+    model's logits."""
     from speechssl.asr.tokenizer import CharTokenizer
     from speechssl.interop.onnx import OnnxModel
     from speechssl_cli import main as speechssl_main
@@ -219,6 +220,14 @@ def test_export_command_writes_each_format_from_any_source(pretrained: Wav2Vec2M
             logits = torch.from_numpy(OnnxModel(out).run(waves.numpy(), lengths.numpy())["logits"])
         for row, n in enumerate(frames.tolist()):
             torch.testing.assert_close(logits[row, :n], expected[row, :n], rtol=0, atol=1e-3)
+    for form, out in (("fairseq", tmp_path / "fs" / "checkpoint.pt"), ("fairseq2", tmp_path / "fs2" / "model.pt")):
+        assert speechssl_main(["export", str(tmp_path / "ctc.pt"), "--format", form, "--output", str(out)]) == 0
+        assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["format"] == form
+        back = speechssl.load(out)  # by content; fairseq adds its <pad> and </s> classes, never predicted
+        kept = [back.vocab.index(token) for token in ctc.vocab]
+        log_probs = back(waves, lengths)[0].detach().log_softmax(-1)[..., kept]
+        for row, n in enumerate(frames.tolist()):
+            torch.testing.assert_close(log_probs[row, :n], expected[row, :n].log_softmax(-1), rtol=0, atol=1e-4)
     assert speechssl_main(["export", str(tmp_path / "ctc.pt"), "--format", "hf", "--output", str(tmp_path / "hf")]) == 2
     assert "--overwrite" in capsys.readouterr().err
     assert speechssl_main(["export", str(tmp_path / "ctc.pt"), "--layers", "0", "--output", str(tmp_path / "x")]) == 2

@@ -399,7 +399,9 @@ def from_fairseq(source: str | os.PathLike | dict, dictionary: str | os.PathLike
                                         final_dropout=float(model_cfg.get("final_dropout") or 0.0),
                                         normalize_audio=normalize)
         inner = {k[len(CTC_PREFIX):]: v for k, v in state.items() if k.startswith(CTC_PREFIX)}
-        ours = import_state(inner, config)
+        # fairseq drops the pretraining parts when fine-tuning starts; files older than that keep them, unused
+        ours = {k: v for k, v in import_state(inner, config).items()
+                if not k.startswith(("quantizer.", "project_q.", "final_proj."))}
         ours["lm_head.weight"], ours["lm_head.bias"] = proj, state["w2v_encoder.proj.bias"]
         others = [k for k in state if not k.startswith((CTC_PREFIX, "w2v_encoder.proj."))]
         if others:

@@ -484,35 +484,47 @@ def load_fairseq2_checkpoint(path: str | os.PathLike, config: Any = None) -> Wav
     The config is read from the weights (:func:`infer_config`); ``config`` (a fairseq2 config,
     dataclass or dict, or a YAML file of one) overrides any of its fields, e.g.
     ``{"encoder_config": {"num_encoder_attn_heads": 8}}``. None reads the ``.yaml`` beside the file
-    that :func:`save_fairseq2_checkpoint` writes, if there is one. In eval mode."""
+    that :func:`save_fairseq2_checkpoint` writes, if there is one (with a CTC model's vocabulary).
+    An ASR model without one has no vocabulary (``.tokenizer`` None; blank 0). In eval mode."""
     path = Path(path)
     state = _state_of(load_untrusted(path), path)
     if config is None and path.with_suffix(".yaml").is_file():
         config = path.with_suffix(".yaml")
+    extra: dict = {}
     if isinstance(config, (str, os.PathLike)):
         config = yaml.safe_load(Path(config).read_text())
-        config = config.get("config", config) if isinstance(config, dict) else config
+        if isinstance(config, dict) and "config" in config:
+            extra, config = config.get("speechssl") or {}, config["config"]
     try:
         inferred = infer_config(state)
     except ValueError:
         if config is None:
             raise
-        return from_state_dict(state, config)
-    given = _plain(config) if config is not None else {}
-    encoder = {**inferred.pop("encoder_config"), **given.pop("encoder_config", {})}
-    return from_state_dict(state, {**inferred, **given, "encoder_config": encoder})
+        model = from_state_dict(state, config)
+    else:
+        given = _plain(config) if config is not None else {}
+        encoder = {**inferred.pop("encoder_config"), **given.pop("encoder_config", {})}
+        model = from_state_dict(state, {**inferred, **given, "encoder_config": encoder})
+    if isinstance(model, CTCModel) and extra:
+        model.tokenizer, model.vocab = extra.get("tokenizer"), extra.get("vocab")
+        model.normalize_audio = bool(extra.get("normalize_audio", False))
+    return model
 
 
 def save_fairseq2_checkpoint(model: SpeechEncoder, path: str | os.PathLike) -> Path:
     """Write ``{"model": fairseq2 state dict}`` to ``path`` (fairseq2's ``load_custom_model(path,
-    config)`` reads it) and the config beside it as ``.yaml`` (``family`` and ``config``: the
-    fields of :func:`fairseq2_config`). Returns the path."""
+    config)`` reads it) and the config beside it as ``.yaml``: ``family``, ``config`` (the fields
+    of :func:`fairseq2_config`) and, for a CTC model, ``speechssl`` (its vocabulary, tokenizer and
+    audio normalisation, which :func:`load_fairseq2_checkpoint` restores). Returns the path."""
     path = Path(path)
     asr = isinstance(model, CTCModel)
     fields = fairseq2_config(model)
     state = export_state({k: v.detach().clone() for k, v in model.state_dict().items()}, model.config, asr)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"model": state}, path)
-    path.with_suffix(".yaml").write_text(yaml.safe_dump({"family": ASR if asr else PRETRAINING, "config": fields},
-                                                        sort_keys=False))
+    sidecar: dict[str, Any] = {"family": ASR if asr else PRETRAINING, "config": fields}
+    if asr:  # what fairseq2 keeps elsewhere (its tokenizer asset), for speechssl to read back
+        sidecar["speechssl"] = {"tokenizer": model.tokenizer, "vocab": model.vocab,
+                                "normalize_audio": bool(model.normalize_audio)}
+    path.with_suffix(".yaml").write_text(yaml.safe_dump(sidecar, sort_keys=False, allow_unicode=True))
     return path
