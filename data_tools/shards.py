@@ -27,8 +27,8 @@ from pathlib import Path
 import webdataset as wds
 from tqdm import tqdm
 
-from speechssl.data.audio import BadAudio, encode_flac, prepare, read_audio
-from speechssl.data.manifest import Entry
+from speechssl.data.audio import BadAudio, encode_flac, prepare, seconds_to_samples
+from speechssl.data.entry import Entry, read_entry
 from speechssl.data.shardset import FORMAT, INDEX
 from speechssl.locking import FolderLock
 
@@ -109,7 +109,7 @@ def _load(entry: Entry) -> tuple:
         from data_tools.synthetic import SAMPLE_RATE, render
 
         return render(**entry.synth), SAMPLE_RATE
-    return read_audio(entry.path)
+    return read_entry(entry)
 
 
 def convert(job: tuple[Entry, str, ShardOptions]) -> Sample | Skip:
@@ -117,6 +117,7 @@ def convert(job: tuple[Entry, str, ShardOptions]) -> Sample | Skip:
     entry, key, options = job
     try:
         samples, rate = _load(entry)
+        frames = samples.size  # at the file's rate
         samples = prepare(samples, rate, options.sample_rate, options.min_seconds, options.max_seconds)
         flac, clipped = encode_flac(samples, options.sample_rate)
     except BadAudio as e:
@@ -124,6 +125,7 @@ def convert(job: tuple[Entry, str, ShardOptions]) -> Sample | Skip:
     except Exception as e:  # one bad file never stops the job; it is reported with its error
         return Skip(entry.id, entry.path, "error", f"{type(e).__name__}: {e}")
     meta = {
+        **entry.extra,  # first: the fields below describe the stored audio, whatever a manifest says
         "id": entry.id,
         "path": entry.path,
         "sample_rate": options.sample_rate,
@@ -133,10 +135,17 @@ def convert(job: tuple[Entry, str, ShardOptions]) -> Sample | Skip:
         "text": entry.text,
         "speaker": entry.speaker,
         **({"clipped_samples": clipped} if clipped else {}),
-        **entry.extra,
+        **({"segment": _segment(entry, rate, frames)} if entry.is_segment else {}),
     }
     return Sample(key, flac, json.dumps(meta, sort_keys=True, ensure_ascii=False).encode(), int(samples.size),
                   entry.speaker, entry.text)
+
+
+def _segment(entry: Entry, rate: int, frames: int) -> dict:
+    """Where a segment came from in its file (``path``): seconds as the manifest gave them, and the
+    first sample and sample count at the file's ``rate``."""
+    return {"offset": entry.offset, "duration": entry.duration, "channel": entry.channel,
+            "start": seconds_to_samples(entry.offset, rate), "frames": frames}
 
 
 def _converted(entries: list[Entry], options: ShardOptions) -> Iterator[Sample | Skip]:

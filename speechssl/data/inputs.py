@@ -1,5 +1,6 @@
 """Reading utterances to run a model on: audio files, directories (recursive, or a LibriSpeech
-tree), manifests (TSV, JSONL, fairseq) or shard directories, resampled to 16 kHz.
+tree), manifests (TSV, JSON lines and NeMo's, fairseq, lhotse cuts; segments cut as the manifest
+says) or shard directories, resampled to 16 kHz.
 
     skipped = Counter()
     for utt in read_utterances(["audio/", "data/dev"], skipped):   # Utterance(id, audio, text, meta)
@@ -19,8 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from speechssl.data.audio import BadAudio, prepare, read_audio
-from speechssl.data.manifest import Entry, read_source
+from speechssl.data.audio import BadAudio, prepare
+from speechssl.data.entry import Entry, read_entry
+from speechssl.data.manifest import read_source
 from speechssl.data.shardset import INDEX
 
 SAMPLE_RATE = 16000
@@ -76,11 +78,11 @@ def read_utterances(inputs: list[str], skipped: Counter, workers: int = 0,
         if (path / INDEX).is_file():
             yield from _shard_utterances(path, skipped, workers, min_samples)
             continue
-        is_audio_file = path.is_file() and path.suffix.lower() not in (".tsv", ".jsonl", ".json", ".txt", ".csv")
+        is_audio_file = path.is_file() and path.suffix.lower() not in (".tsv", ".jsonl", ".json", ".gz", ".txt", ".csv")
         entries = [Entry(id=path.stem, path=str(path))] if is_audio_file else read_source(path)[0]
         for entry in entries:
             try:
-                samples, rate = read_audio(entry.path)
+                samples, rate = read_entry(entry)
                 audio = prepare(samples, rate, SAMPLE_RATE, min_seconds=0.03, max_seconds=float("inf"))
             except BadAudio as e:
                 skip(skipped, entry.id, e.reason, str(e))

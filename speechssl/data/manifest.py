@@ -1,35 +1,34 @@
-"""Corpus readers: the utterances of a folder, a manifest (TSV, CSV, JSON lines) or a LibriSpeech tree.
+"""Corpus readers: the utterances of a folder, a LibriSpeech tree, or a manifest.
 
-Every reader returns :class:`Entry` items in a deterministic order. Paths are resolved, but not
-opened: a missing file is reported when the shard builder reaches it.
+Manifests: TSV (a header naming a path column); JSON lines, NeMo's included, where ``offset`` and
+``duration`` (seconds) make a row a segment of its file, as NeMo reads it; fairseq's ``.tsv``
+(a root line, then ``path<TAB>num_samples``) with its ``.wrd`` / ``.ltr`` label files; lhotse
+CutSets (``cuts.jsonl.gz`` or ``.jsonl``, see :mod:`speechssl.data.lhotse`). Gzipped JSON lines
+(``.jsonl.gz``) are read as they are.
+
+Every reader returns :class:`~speechssl.data.entry.Entry` items in a deterministic order. Paths are
+resolved, but not opened: a missing file, or a segment past its file's end, is reported when the
+shard builder reaches it; a malformed manifest (a label file of the wrong length, a negative
+offset) is a ValueError that names the file.
 """
 
 from __future__ import annotations
 
 import csv
+import gzip
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from speechssl.data.audio import AUDIO_EXTENSIONS
+from speechssl.data.entry import Entry, parse_seconds
+from speechssl.data.lhotse import is_cut, read_cuts
 
 PATH_COLUMNS = ("path", "audio", "audio_filepath", "file", "wav")
 ID_COLUMNS = ("id", "utt_id", "utterance_id", "key")
 TEXT_COLUMNS = ("text", "transcript", "sentence", "normalized_text")
 SPEAKER_COLUMNS = ("speaker", "speaker_id", "spk", "client_id")
-
-
-@dataclass
-class Entry:
-    """One utterance to shard: an id (unique within the corpus), where its audio is, optional
-    transcript and speaker, and any other manifest fields."""
-
-    id: str
-    path: str
-    text: str | None = None
-    speaker: str | None = None
-    extra: dict = field(default_factory=dict)
-    synth: dict | None = None  # generated audio: keyword arguments of data_tools.synthetic.render
+SEGMENT_COLUMNS = ("offset", "duration")  # NeMo: seconds into the file, seconds to read
+JSON_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
 
 
 def _pick(row: dict, names: tuple[str, ...]) -> str | None:
@@ -39,20 +38,31 @@ def _pick(row: dict, names: tuple[str, ...]) -> str | None:
     return None
 
 
-def _from_rows(rows: list[dict], base: Path, where: str) -> list[Entry]:
+def _seconds(row: dict, key: str, where: str) -> float | None:
+    return None if row.get(key) is None else parse_seconds(row[key], f"{where}, {key}")
+
+
+def _from_rows(rows: list[dict], base: Path, where: str, segments: bool = False) -> list[Entry]:
+    """Entries of manifest rows; ``segments``: a row's ``offset`` / ``duration`` (seconds) cut its file."""
     entries = []
     for i, row in enumerate(rows):
         path = _pick(row, PATH_COLUMNS)
         if path is None:
             raise ValueError(f"{where}: row {i + 1} has no path column (one of {', '.join(PATH_COLUMNS)})")
         full = Path(path) if Path(path).is_absolute() else base / path
-        used = {k for k in (*PATH_COLUMNS, *ID_COLUMNS, *TEXT_COLUMNS, *SPEAKER_COLUMNS) if k in row}
+        cut = SEGMENT_COLUMNS if segments else ()
+        used = {k for k in (*PATH_COLUMNS, *ID_COLUMNS, *TEXT_COLUMNS, *SPEAKER_COLUMNS, *cut) if k in row}
+        offset, duration = (_seconds(row, k, f"{where}: row {i + 1}") for k in cut) if segments else (None, None)
+        name = str(Path(path).with_suffix(""))
         entries.append(Entry(
-            id=_pick(row, ID_COLUMNS) or str(Path(path).with_suffix("")),
+            # Segments of one file differ by their offset.
+            id=_pick(row, ID_COLUMNS) or (name if offset is None else f"{name}@{offset!r}"),
             path=str(full),
             text=_pick(row, TEXT_COLUMNS),
             speaker=_pick(row, SPEAKER_COLUMNS),
             extra={k: v for k, v in row.items() if k not in used},
+            offset=offset or 0.0,
+            duration=duration,
         ))
     return entries
 
@@ -64,16 +74,27 @@ def read_tsv(path: Path) -> list[Entry]:
     return _from_rows(rows, path.parent, str(path))
 
 
-def read_jsonl(path: Path) -> list[Entry]:
-    """One JSON object per line (NeMo-style ``audio_filepath`` works too)."""
+def read_json_lines(path: Path) -> list[dict]:
+    """The objects of a JSON-lines file, gunzipped when its name ends in ``.gz``; blank lines are skipped."""
+    with (gzip.open(path, "rt") if path.suffix == ".gz" else path.open()) as f:
+        lines = f.read().splitlines()
     rows = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    for n, line in enumerate(lines, 1):
         if line.strip():
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{n}: not JSON: {e}") from None
-    return _from_rows(rows, path.parent, str(path))
+            if not isinstance(rows[-1], dict):
+                raise ValueError(f"{path}:{n}: not a JSON object")
+    return rows
+
+
+def read_jsonl(path: Path, rows: list[dict] | None = None) -> list[Entry]:
+    """One JSON object per line (``rows``: those already read). NeMo's rows work as NeMo reads them:
+    ``audio_filepath``, and ``duration`` seconds from ``offset`` (default 0) when they are given;
+    a row with an ``offset`` and no id is named ``{path}@{offset}``."""
+    return _from_rows(read_json_lines(path) if rows is None else rows, path.parent, str(path), segments=True)
 
 
 def is_fairseq_manifest(path: Path) -> bool:
@@ -85,17 +106,45 @@ def is_fairseq_manifest(path: Path) -> bool:
 
 
 def read_fairseq_manifest(path: Path) -> list[Entry]:
-    """fairseq's ``.tsv``: a root folder line, then ``relative_path<TAB>num_samples`` lines."""
+    """fairseq's ``.tsv``: a root folder line (relative to the manifest's folder unless absolute),
+    then ``relative_path<TAB>num_samples`` lines.
+
+    The label files beside it, of the same stem, give the transcripts, line by line: ``.wrd``
+    (words) is the text; without it, the text is rebuilt from ``.ltr`` (letters separated by spaces,
+    ``|`` between words). When both are there, the letters line is kept too, as ``ltr``.
+    """
     lines = path.read_text().splitlines()
     root = Path(lines[0].strip())
     if not root.is_absolute():
         root = path.parent / root
+    paths = [line.split("\t")[0] for line in lines[1:] if line.strip()]
+    words, letters = (_labels(path, path.with_suffix(suffix), len(paths)) for suffix in (".wrd", ".ltr"))
     entries = []
-    for line in lines[1:]:
-        if line.strip():
-            rel = line.split("\t")[0]
-            entries.append(Entry(id=str(Path(rel).with_suffix("")), path=str(root / rel)))
+    for i, rel in enumerate(paths):
+        text = None
+        if words:
+            text = words[i].strip()
+        elif letters:
+            text = _letters_to_text(letters[i])
+        entries.append(Entry(id=str(Path(rel).with_suffix("")), path=str(root / rel), text=text or None,
+                             extra={"ltr": letters[i].strip()} if words and letters else {}))
     return entries
+
+
+def _labels(manifest: Path, labels: Path, count: int) -> list[str] | None:
+    """The lines of a fairseq label file (None when there is none), one per audio line of ``manifest``."""
+    if not labels.is_file():
+        return None
+    lines = labels.read_text().splitlines()
+    if len(lines) != count:
+        raise ValueError(f"{labels} has {len(lines)} lines but {manifest} lists {count} audio files; "
+                         "a label file needs one line per audio line, in the same order")
+    return lines
+
+
+def _letters_to_text(line: str) -> str:
+    """A ``.ltr`` line as text: ``H E L L O | W O R L D |`` is ``HELLO WORLD``."""
+    return " ".join("".join(" " if c == "|" else c for c in line.split()).split())
 
 
 def read_librispeech(root: Path) -> list[Entry]:
@@ -125,8 +174,11 @@ def read_source(source: str | Path) -> tuple[list[Entry], str]:
         return read_directory(source), "directory"
     if not source.is_file():
         raise FileNotFoundError(f"input {source} does not exist")
-    if source.suffix in (".jsonl", ".json"):
-        return read_jsonl(source), "jsonl"
+    if source.name.endswith(JSON_SUFFIXES):
+        rows = read_json_lines(source)
+        if rows and is_cut(rows[0]):
+            return read_cuts(rows, str(source)), "lhotse"
+        return read_jsonl(source, rows), "jsonl"
     if is_fairseq_manifest(source):
         return read_fairseq_manifest(source), "fairseq"
     return read_tsv(source), "tsv"
