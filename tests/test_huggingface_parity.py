@@ -22,6 +22,25 @@ from tests.conftest import REPO, randomize_batch_norm_statistics
 GROUPS, VARS, CODE_DIM, PROJ_DIM, NEGATIVES = 2, 16, 32, 24, 12
 KINDS = ["transformer-base", "transformer-large", "conformer-relative", "conformer-rotary", "conformer-none"]
 LENGTHS = torch.tensor([24000, 20000, 17000])
+# transformers 5 records hidden_states[i] as layer i's output. transformers 4 (the fairseq2
+# environment has 4.57) appends, as its last entry, the encoder's output after its final LayerNorm
+# where there is one (the pre-LN Transformer, the Conformer), so that entry is compared with our
+# final output there.
+HF_NORMS_LAST_HIDDEN_STATE = int(transformers.__version__.split(".")[0]) < 5
+
+
+def _normed_last(model: Wav2Vec2Model) -> bool:
+    """Whether this Hugging Face version's last hidden state is our final output, not our last layer's."""
+    return HF_NORMS_LAST_HIDDEN_STATE and model.config.context.layer_norm_first
+
+
+def _compare_layers(layers: list, expected: tuple, final: torch.Tensor, normed_last: bool, valid: torch.Tensor,
+                    start: int = 1) -> None:
+    """Our per-layer outputs ``layers`` against Hugging Face's ``hidden_states[start:]``."""
+    for i, (got, want) in enumerate(zip(layers, expected[start:], strict=True)):
+        if normed_last and i == len(layers) - 1:
+            got = final
+        torch.testing.assert_close(got[valid], want[valid], rtol=0, atol=1e-4, msg=f"layer {i + start}")
 
 
 def _hf_config(kind: str, **extra) -> object:
@@ -73,14 +92,13 @@ def test_hidden_states_match(kind: str) -> None:
     # hidden_states[0] is the context input; hidden_states[i] the output of layer i. In the post-LN
     # Transformer HF's last entry is also its final output.
     assert len(expected.hidden_states) == len(layers) + 1
-    for got, want in zip(layers, expected.hidden_states[1:], strict=True):
-        torch.testing.assert_close(got[valid], want[valid], rtol=0, atol=1e-4)
+    _compare_layers(layers, expected.hidden_states, output, _normed_last(ours), valid)
     torch.testing.assert_close(output[valid], expected.last_hidden_state[valid], rtol=0, atol=1e-4)
     # The comparison is sharp: a small change to one weight shows.
     with torch.no_grad():
         ours.context.layers[-1].final_layer_norm.weight.add_(1e-2)
-        moved, _ = ours.extract_features(waves, LENGTHS)
-    assert (moved[-1] - expected.hidden_states[-1])[valid].abs().max() > 1e-3
+        moved = ours.encode(waves, LENGTHS)[0] if _normed_last(ours) else ours.extract_features(waves, LENGTHS)[0][-1]
+    assert (moved - expected.hidden_states[-1])[valid].abs().max() > 1e-3
 
 
 def _fixed_mask_and_negatives(batch: int, length: int, frames: torch.Tensor):
@@ -200,9 +218,9 @@ def test_exported_model_gives_our_hidden_states(config: str) -> None:
     with torch.no_grad():
         expected = hf(waves, attention_mask=attention, output_hidden_states=True)
         layers, frames = ours.extract_features(waves, LENGTHS)
+        final, _ = ours.encode(waves, LENGTHS)
     valid = torch.arange(layers[0].shape[1]) < frames[:, None]
-    for got, want in zip(layers, expected.hidden_states[1:], strict=True):
-        torch.testing.assert_close(want[valid], got[valid], rtol=0, atol=1e-4)
+    _compare_layers(layers, expected.hidden_states, final, _normed_last(ours), valid)
     from speechssl.features import LayerFeatures  # and layer 0, the encoder input, as users read it
 
     every = LayerFeatures(ours, "all")(waves, LENGTHS).hidden_states
@@ -258,11 +276,12 @@ def test_layer_features_are_hugging_faces_hidden_states(kind: str) -> None:
     from speechssl.features import LayerFeatures
 
     hf = _hf_model(kind, "Model")
+    ours = from_huggingface(hf)
     waves, attention = _batch()
-    out = LayerFeatures(from_huggingface(hf), "all")(waves, LENGTHS)
+    out = LayerFeatures(ours, "all")(waves, LENGTHS)
     with torch.no_grad():
         expected = hf(waves, attention_mask=attention, output_hidden_states=True).hidden_states
+        final, _ = ours.encode(waves, LENGTHS)
     valid = torch.arange(out.hidden_states[0].shape[1]) < out.lengths[:, None]
     assert len(out.hidden_states) == len(expected)
-    for i, (got, want) in enumerate(zip(out.hidden_states, expected, strict=True)):
-        torch.testing.assert_close(got[valid], want[valid], rtol=0, atol=1e-4, msg=f"layer {i}")
+    _compare_layers(out.hidden_states, expected, final, _normed_last(ours), valid, start=0)
