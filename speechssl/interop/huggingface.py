@@ -502,15 +502,20 @@ def to_huggingface(model: SpeechEncoder, kind: str | None = None) -> nn.Module:
     suffix = {"model": "Model", "pretraining": "ForPreTraining", "ctc": "ForCTC"}[kind]
     hf_model = getattr(transformers, base + suffix)(hf_config)
     prefix = "" if kind == "model" else ("wav2vec2_conformer." if conformer else "wav2vec2.")
-    ours = _export_state(model.state_dict(), prefix, conformer)
+    return load_exported(hf_model, _export_state(model.state_dict(), prefix, conformer), conformer)
+
+
+def load_exported(hf_model: nn.Module, hf_state: dict[str, Tensor], conformer: bool) -> nn.Module:
+    """``hf_model`` with the exported weights that have a place in it (the CTC head of a model exported
+    as the base class has none), in eval mode; ValueError if any of its own stays unset."""
     target = hf_model.state_dict()
-    ours = {k: v for k, v in ours.items() if k in target}  # e.g. the CTC head when exporting the base model
+    hf_state = {k: v for k, v in hf_state.items() if k in target}
     # A Hugging Face Conformer keeps an unused positional conv and its rotary frequencies as buffers.
     unused = ("pos_conv_embed", "embed_positions") if conformer else ()
-    left = [k for k in target if k not in ours and not any(u in k for u in unused)]
+    left = [k for k in target if k not in hf_state and not any(u in k for u in unused)]
     if left:
         raise ValueError(f"Hugging Face export left parameters unset: {left}")
-    hf_model.load_state_dict(ours, strict=False)
+    hf_model.load_state_dict(hf_state, strict=False)
     return hf_model.eval()
 
 
