@@ -10,6 +10,7 @@ import pytest
 import torch
 import transformers
 
+import speechssl
 from speechssl import Wav2Vec2Model, load_model_config
 from speechssl.interop.huggingface_heads import from_huggingface_head, to_huggingface_head
 from speechssl.models.classifier import SpeechClassifier, load_classifier
@@ -69,6 +70,18 @@ def test_import_then_export_is_bit_exact(kind: str, suffix: str) -> None:
     assert back.config.id2label[3] == "spk3" and list(back.config.tdnn_dim) == list(hf.config.tdnn_dim)
 
 
+def test_speechssl_load_reads_a_saved_hugging_face_head(tmp_path: Path) -> None:
+    hf = _hf_head("transformer-base", "ForSequenceClassification", weighted=False)
+    hf.config.id2label = {i: name for i, name in enumerate("abcde")}
+    hf.save_pretrained(tmp_path / "hf")
+    model = speechssl.load(f"hf:{tmp_path / 'hf'}")
+    assert isinstance(model, SpeechClassifier) and model.labels == list("abcde")
+    waves, attention = _batch()
+    with torch.no_grad():
+        torch.testing.assert_close(model(waves, LENGTHS).logits, hf(waves, attention_mask=attention).logits,
+                                   rtol=0, atol=1e-4)
+
+
 def _tiny(task: str, **head) -> SpeechClassifier:
     encoder = Wav2Vec2Model(load_model_config(REPO / "configs/model/tiny_transformer.yaml"))
     config = HeadConfig(task=task, num_labels=3, classifier_proj_size=16, tdnn_dim=[16, 16, 16], tdnn_kernel=[3, 3, 1],
@@ -108,6 +121,7 @@ def test_each_head_learns_on_the_cpu(task: str, freeze: bool, tmp_path: Path) ->
     assert moved != freeze
     model.save(tmp_path / "clf.pt")
     back = load_classifier(tmp_path / "clf.pt").eval()
+    assert isinstance(speechssl.load(tmp_path / "clf.pt"), SpeechClassifier)
     with torch.no_grad():
         assert torch.equal(back(waves, lengths).logits, model.eval()(waves, lengths).logits)
 

@@ -55,6 +55,14 @@ def _labels(hf_config: Any) -> list[str] | None:
     return None if names == default or None in names else [str(n) for n in names]
 
 
+def is_head_architecture(where: str) -> bool:
+    """Whether the Hugging Face model saved at ``where`` (a name or folder) is one of the head classes."""
+    import transformers
+
+    architectures = transformers.AutoConfig.from_pretrained(where).architectures or []
+    return any(_CLASS.fullmatch(a) for a in architectures)
+
+
 def from_huggingface_head(hf_model: Any) -> SpeechClassifier:
     """Import a Hugging Face ``*ForSequenceClassification``, ``*ForAudioFrameClassification`` or
     ``*ForXVector`` (an instance, or a name or folder for ``from_pretrained``); its train/eval mode

@@ -10,11 +10,14 @@ or a Hugging Face folder, ``ta:BUNDLE``, ``fairseq:CHECKPOINT``, ``fairseq2:CHEC
   newest checkpoint of a run that stopped before);
 - a model file: one written by :meth:`Wav2Vec2Model.save <speechssl.models.wav2vec2.Wav2Vec2Model.save>`
   (pretraining; also one imported from torchaudio or Hugging Face and saved) or by
-  :meth:`CTCModel.save <speechssl.models.ctc.CTCModel.save>` (fine-tuning), told apart by the
+  :meth:`CTCModel.save <speechssl.models.ctc.CTCModel.save>` (fine-tuning) or ``SpeechClassifier.save``
+  (a downstream head), told apart by the
   file's own ``format``;
 - ``hf:NAME_OR_PATH``, or a folder with a Hugging Face ``config.json``: a Wav2Vec2 or
   Wav2Vec2-Conformer checkpoint (hub name or saved folder;
-  :func:`speechssl.interop.huggingface.from_huggingface`); a CTC one with its vocabulary;
+  :func:`speechssl.interop.huggingface.from_huggingface`); a CTC one with its vocabulary; a
+  classification or x-vector one as a ``SpeechClassifier``
+  (:func:`speechssl.interop.huggingface_heads.from_huggingface_head`);
 - ``ta:BUNDLE``: a torchaudio pipeline bundle, e.g. ``ta:WAV2VEC2_BASE`` (its weights are
   downloaded to torch.hub's cache where the network allows, or read from it); an ASR bundle
   becomes a CTC model with the bundle's labels;
@@ -113,8 +116,10 @@ def load_speech_model(source: str, seed: int = 1) -> SpeechEncoder:
         return from_bundle(source[3:])
     if source.startswith("hf:") or is_huggingface_folder(Path(source)):
         from speechssl.interop.huggingface import from_huggingface
+        from speechssl.interop.huggingface_heads import from_huggingface_head, is_head_architecture
 
-        return from_huggingface(source[3:] if source.startswith("hf:") else source)
+        where = source[3:] if source.startswith("hf:") else source
+        return from_huggingface_head(where) if is_head_architecture(where) else from_huggingface(where)
     from speechssl.interop import fairseq, fairseq2
 
     if source.startswith("fairseq:"):
@@ -135,6 +140,12 @@ def load_speech_model(source: str, seed: int = 1) -> SpeechEncoder:
         from speechssl.models.ctc import load_ctc_model
 
         return load_ctc_model(path)
+    from speechssl.models.classifier import FORMAT as CLASSIFIER_FORMAT
+
+    if isinstance(blob, dict) and blob.get("format") == CLASSIFIER_FORMAT:
+        from speechssl.models.classifier import load_classifier
+
+        return load_classifier(path)
     from speechssl.models.wav2vec2 import load_model
 
     return load_model(path)
