@@ -122,6 +122,14 @@ def test_each_head_learns_on_the_cpu(task: str, freeze: bool, tmp_path: Path) ->
     model.save(tmp_path / "clf.pt")
     back = load_classifier(tmp_path / "clf.pt").eval()
     assert isinstance(speechssl.load(tmp_path / "clf.pt"), SpeechClassifier)
+    if task == "xvector":  # embeddings of one speaker's utterances are closer than another's
+        a, b, c = back.embed([waves[0, :8000].numpy(), waves[3, :8000].numpy(), waves[1, :6400].numpy()])
+        cos = torch.nn.functional.cosine_similarity
+        assert cos(a, b, dim=0) > cos(a, c, dim=0)
+    elif task == "sequence_classification":
+        assert back.predict([waves[i, :n] for i, n in enumerate(lengths.tolist())]) == labels.tolist()
+    else:
+        assert len(back.predict(waves[0, :8000])) == back(waves[:1, :8000]).logits.shape[1]
     with torch.no_grad():
         assert torch.equal(back(waves, lengths).logits, model.eval()(waves, lengths).logits)
 

@@ -95,6 +95,55 @@ class SpeechClassifier(SpeechEncoder):
         logits, embeddings = self.head(hidden, frames)
         return ClassifierOutput(logits, embeddings, frames)
 
+    def _run_each(self, audio, sample_rate: int | None) -> tuple[list[ClassifierOutput], bool]:
+        """The model's output for each input (a path, array or tensor, or a list of them; prepared as
+        :meth:`CTCModel.transcribe <speechssl.models.ctc.CTCModel.transcribe>` prepares audio), one
+        utterance at a time, in eval mode; whether one input was given."""
+        import numpy as np
+
+        from speechssl.asr.transcriber import prepare_input
+        from speechssl.features import min_input_samples
+
+        single = isinstance(audio, (str, os.PathLike, np.ndarray, Tensor))
+        items = [audio] if single else list(audio)
+        was_training, device = self.training, next(self.parameters()).device
+        outputs = []
+        try:
+            self.eval()
+            for i, item in enumerate(items):
+                name = str(item) if isinstance(item, (str, os.PathLike)) else f"input {i}"
+                samples, _ = prepare_input(item, sample_rate, name)
+                if len(samples) < min_input_samples(self):
+                    raise ValueError(f"{name}: {len(samples)} samples, fewer than the model needs")
+                with torch.no_grad():
+                    out = self(torch.from_numpy(samples).to(device)[None])
+                outputs.append(ClassifierOutput(out.logits[0].cpu(), None if out.embeddings is None else
+                                                out.embeddings[0].cpu(), None))
+        finally:
+            self.train(was_training)
+        return outputs, single
+
+    def predict(self, audio, sample_rate: int | None = None):
+        """The class of each input (one, or a list): its name (from ``labels``, else the index) for
+        sequence classification, a list of names, one per 20 ms frame, for frame classification.
+        ``sample_rate``: of arrays and tensors (16 kHz when None); files are read at their own rate."""
+        if self.head_config.task == "xvector":
+            raise ValueError("an x-vector model embeds speakers: use embed(); its classes are the training speakers")
+        outputs, single = self._run_each(audio, sample_rate)
+        names = self.labels or list(range(self.head_config.num_labels))
+        found = [[names[i] for i in out.logits.argmax(-1).tolist()] if out.logits.dim() == 2 else
+                 names[int(out.logits.argmax())] for out in outputs]
+        return found[0] if single else found
+
+    def embed(self, audio, sample_rate: int | None = None) -> Tensor | list[Tensor]:
+        """The embedding of each input (one, or a list): the x-vector, or the pooled projection of a
+        sequence classifier, ``(D,)``."""
+        if self.head_config.task == "frame_classification":
+            raise ValueError("a frame classifier has no utterance embedding")
+        outputs, single = self._run_each(audio, sample_rate)
+        vectors = [out.embeddings for out in outputs]
+        return vectors[0] if single else vectors
+
     def loss(self, output: ClassifierOutput, labels: Tensor) -> Tensor:
         """Cross-entropy (sequence labels ``(B,)``; frame labels ``(B, T)`` with -100 on frames to
         ignore, padding included) or the x-vector's additive-margin softmax (speaker ids ``(B,)``)."""
