@@ -159,6 +159,7 @@ def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_pretraining_starts_from_the_init_model(pretrained: Wav2Vec2Model, shards: Path, tmp_path: Path) -> None:
     """The first update's loss is the init model's on that batch: the same from its model file and
     from its Hugging Face export (the same weights), another from a fresh model."""

@@ -93,6 +93,7 @@ def test_config_errors_are_clear_before_any_model(shards: Path, tmp_path: Path) 
     assert not (tmp_path / "run").exists()  # nothing was built or written
 
 
+@pytest.mark.slow
 def test_resume_continues_the_uninterrupted_run(shards: Path, tmp_path: Path) -> None:
     straight = _run(_args(shards, tmp_path / "a"))
     assert straight.returncode == 0, straight.stderr[-3000:]
@@ -117,6 +118,7 @@ def test_resume_continues_the_uninterrupted_run(shards: Path, tmp_path: Path) ->
     assert report.returncode == 0 and (tmp_path / "a" / "report.png").stat().st_size > 10_000
 
 
+@pytest.mark.slow
 def test_augmented_pretraining_resumes_exactly_and_keeps_models_to_average(shards: Path, tmp_path: Path) -> None:
     """Speed perturbation and gain in the job: a stopped and resumed run gives the losses of an
     uninterrupted one; trainer.average_models keeps the last validated models and averages them."""

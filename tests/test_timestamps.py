@@ -83,6 +83,7 @@ def _check_words(words: list[Span], truth: list[tuple[str, float]]) -> None:
         assert abs(word.end - end) <= TOLERANCE, (text, word.end, end)
 
 
+@pytest.mark.slow
 def test_words_joined_at_known_times_start_within_60_ms(tone_model: CTCModel) -> None:
     rng = np.random.default_rng(1)
     tests = [_utterance(rng, 3) for _ in range(20)]
@@ -97,6 +98,7 @@ def test_words_joined_at_known_times_start_within_60_ms(tone_model: CTCModel) ->
         assert all(abs(c.start - s) <= TOLERANCE for c, (_, s) in zip(transcript.chars, letters, strict=True))
 
 
+@pytest.mark.slow
 def test_a_long_recording_at_8_khz_keeps_its_times_through_the_windows(tone_model: CTCModel) -> None:
     """40 words (about 20 s) at 8 kHz, in windows of 4 s: the times are the recording's own."""
     rng = np.random.default_rng(2)
