@@ -13,13 +13,25 @@ import transformers
 import speechssl
 from speechssl import Wav2Vec2Model, load_model_config
 from speechssl.interop.huggingface_heads import from_huggingface_head, to_huggingface_head
-from speechssl.models.classifier import SpeechClassifier, load_classifier
+from speechssl.models.classifier import ClassifierOutput, SpeechClassifier, load_classifier
 from speechssl.models.heads import HeadConfig
 from tests.conftest import REPO, randomize_batch_norm_statistics
-from tests.test_huggingface_parity import LENGTHS, _batch, _hf_config
+from tests.test_huggingface_parity import HF_NORMS_LAST_HIDDEN_STATE, LENGTHS, _batch, _hf_config
 
 SUFFIXES = ["ForSequenceClassification", "ForAudioFrameClassification", "ForXVector"]
 HEAD = dict(num_labels=5, classifier_proj_size=16, tdnn_dim=(32, 32, 32, 32, 48), xvector_output_dim=24)
+
+
+def _with_normed_last_state(model: SpeechClassifier, waves: torch.Tensor, lengths: torch.Tensor) -> ClassifierOutput:
+    """Our head over the weighted sum that transformers 4 takes: its last hidden state is the
+    encoder's output after the final LayerNorm (tests/test_huggingface_parity.py)."""
+    features, padding_mask, _ = model._features(waves, lengths, None)
+    x, _ = model.frontend(features)
+    out = model.context(x, padding_mask)
+    states = torch.stack([out.input_state, *out.hidden_states[:-1], out.output])
+    hidden = (states * model.layer_weights.softmax(0).view(-1, 1, 1, 1)).sum(0)
+    frames = model._lengths(out.padding_mask)
+    return ClassifierOutput(*model.head(hidden, frames), frames)
 
 
 def _hf_head(kind: str, suffix: str, weighted: bool) -> torch.nn.Module:
@@ -43,6 +55,8 @@ def test_logits_and_embeddings_match_hugging_face(kind: str, suffix: str, weight
     with torch.no_grad():
         expected = hf(waves, attention_mask=attention)
         got = ours(waves, LENGTHS)
+        if weighted and HF_NORMS_LAST_HIDDEN_STATE and ours.config.context.layer_norm_first:
+            got = _with_normed_last_state(ours, waves, LENGTHS)
     if suffix == "ForAudioFrameClassification":
         valid = torch.arange(got.logits.shape[1]) < got.frames[:, None]
         assert valid.sum() < valid.numel()  # the batch is padded
